@@ -51,9 +51,12 @@ class MageNetConfig:
         scale_unetfeats: width step s of the Stage-1 U-Net levels (n, n+s, n+2s).
         scale_orsnetfeats: extra width o of Stage-2 (width n+o).
         num_cab: channel-attention blocks inside each fundus attention block (paper 8).
+        unet_cabs: channel-attention blocks per Stage-1 encoder/decoder level (MPRNet 2).
         cab_reduction: channel-attention reduction ratio r.
         rsp_to_fab: for each of the three FABs, which vessel decoder feature it concatenates
             (0 = H/8, 1 = H/4, 2 = H/2, 3 = H; default H/4, H/2, H).
+        fusion_kernel: kernel size of the FAB's learnable non-linear transformation filter, the
+            conv from (n+o + vessel channels) back to n+o (1 or 3; our reconstruction).
         vessels: the vessel branch configuration.
         working_size: the square size images are normalised to before the model runs.
     """
@@ -62,8 +65,10 @@ class MageNetConfig:
     scale_unetfeats: int = 20
     scale_orsnetfeats: int = 16
     num_cab: int = 8
+    unet_cabs: int = 2
     cab_reduction: int = 4
     rsp_to_fab: tuple[int, int, int] = (1, 2, 3)
+    fusion_kernel: int = 3
     vessels: VesselNetConfig = field(default_factory=VesselNetConfig)
     working_size: int = 512
 
