@@ -116,7 +116,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{source.name} is not a {FORMAT_NAME} artifact (format={raw.get('format')!r})")
     if raw.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
-            f"{source.name} has format version {raw.get('format_version')!r}; this build reads {FORMAT_VERSION}"
+            f"{source.name} has format version {raw.get('format_version')!r}; "
+            f"this build reads {FORMAT_VERSION}"
         )
     try:
         decoded: dict[str, Any] = {
