@@ -1,0 +1,272 @@
+"""Serving benchmark: the same model as a bare batched loop, through the service with batching, and unbatched.
+
+Measures, in one run on one machine:
+  (a) ``bare``: ``ModelRunner.infer`` on pre-made working-size batches (no HTTP, no codecs);
+  (b) ``service``: ``fundus serve`` (a real uvicorn subprocess, embedded queue) driven over HTTP with a
+      closed loop of N concurrent clients posting a 512² PNG, for each ``--concurrency`` level;
+  (c) ``unbatched``: the same service with ``FUNDUS_MAX_BATCH_SIZE=1`` at the highest concurrency.
+Prints one JSON object: images/s, p50/p99 latency, mean batch size, and the ratios service/bare and
+batched/unbatched, plus the API overhead (end-to-end minus the model time reported in Server-Timing)
+at concurrency 1.
+
+    python bench/serve_bench.py                     # lite preset, random weights
+    python bench/serve_bench.py --weights W.safetensors --requests 64 --concurrency 1,4,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from model.artifact import load_artifact, save_artifact  # noqa: E402
+from model.magenet import MageNet  # noqa: E402
+from model.presets import get_preset  # noqa: E402
+from service.codecs import default_registry  # noqa: E402
+from service.imaging import decode_upload, prepare  # noqa: E402
+from service.runner import ModelRunner  # noqa: E402
+from service.upload import Upload  # noqa: E402
+
+_INFERENCE = re.compile(r"inference;dur=([0-9.]+)")
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def test_image(size: int = 512) -> bytes:
+    """A 512² PNG: a photograph from the data pack when present, else a synthetic fundus disc."""
+    pack = REPO_ROOT.parent / "shared" / "data" / "deepdrid" / "images"
+    candidates = sorted(pack.glob("*.jpg")) if pack.is_dir() else []
+    if candidates:
+        image = Image.open(candidates[0]).convert("RGB").resize((size, size))
+    else:
+        rng = np.random.default_rng(0)
+        ys, xs = np.mgrid[:size, :size]
+        inside = (xs - size / 2) ** 2 + (ys - size / 2) ** 2 <= (0.45 * size) ** 2
+        array = np.zeros((size, size, 3), np.uint8)
+        array[inside] = np.clip(
+            np.array([170, 80, 35]) + rng.integers(-25, 25, (int(inside.sum()), 3)), 0, 255
+        )
+        image = Image.fromarray(array)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_weights(args: argparse.Namespace, folder: Path) -> Path:
+    if args.weights:
+        return Path(args.weights)
+    torch.manual_seed(0)
+    path = folder / f"{args.preset}-random.safetensors"
+    save_artifact(
+        path, MageNet(get_preset(args.preset)), preset=args.preset, training={"note": "random weights"}
+    )
+    return path
+
+
+def bench_bare(weights: Path, image: bytes, args: argparse.Namespace) -> dict[str, Any]:
+    """Batched model loop on working-size tensors made by the service's own preprocessing."""
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    device = torch.device(args.device)
+    artifact = load_artifact(weights, device)
+    size = artifact.config.working_size
+    decoded = decode_upload(default_registry(), Upload(image, "image/png"), max_pixels=10**8, min_side=1)
+    working = prepare(decoded, size).model_input()
+    runner = ModelRunner(artifact.model, device, size)
+    runner.warm_up((1, args.max_batch_size))
+    batch = np.stack([working] * args.max_batch_size)
+    total = 0
+    started = time.perf_counter()
+    while total < args.requests:
+        count = min(args.max_batch_size, args.requests - total)
+        runner.infer(batch[:count], need_image=True, need_vessels=False)
+        total += count
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - started
+    single = []
+    for _ in range(args.single_reps):
+        clock = time.perf_counter()
+        runner.infer(batch[:1], need_image=True, need_vessels=False)
+        single.append(time.perf_counter() - clock)
+    return {
+        "images": total,
+        "batch_size": args.max_batch_size,
+        "images_per_s": total / elapsed,
+        "batch1_model_ms_p50": percentile(single, 50) * 1000.0,
+        "preset": artifact.preset,
+        "working_size": size,
+        "parameters": artifact.parameter_count,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def server(weights: Path, args: argparse.Namespace, max_batch_size: int) -> Iterator[str]:
+    """``fundus serve`` in a subprocess; yields its base URL once /readyz answers 200."""
+    port = free_port()
+    env = dict(os.environ)
+    env.update(
+        FUNDUS_WEIGHTS=str(weights),
+        FUNDUS_DEVICE=args.device,
+        FUNDUS_HOST="127.0.0.1",
+        FUNDUS_PORT=str(port),
+        FUNDUS_MAX_BATCH_SIZE=str(max_batch_size),
+        FUNDUS_MAX_BATCH_WAIT_MS=str(args.max_wait_ms),
+        FUNDUS_MAX_QUEUE=str(max(64, 4 * max(args.concurrency))),
+        FUNDUS_REQUEST_TIMEOUT_S="3600",
+        FUNDUS_LOG_LEVEL="WARNING",
+        FUNDUS_TORCH_THREADS=str(args.torch_threads),
+        FUNDUS_API_KEYS="",
+    )
+    env.pop("FUNDUS_REDIS_URL", None)
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + args.startup_timeout_s
+            while True:
+                if process.poll() is not None:
+                    log.seek(0)
+                    tail = log.read().decode(errors="replace")[-3000:]
+                    raise RuntimeError(f"server exited during start-up:\n{tail}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not become ready in time")
+                time.sleep(0.2)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+async def drive(url: str, image: bytes, concurrency: int, requests: int) -> dict[str, Any]:
+    """Closed loop: ``concurrency`` clients post the image until ``requests`` answers arrived."""
+    latencies: list[float] = []
+    overheads: list[float] = []
+    batch_sizes: list[int] = []
+    failures = 0
+    issued = 0
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal issued, failures
+        while issued < requests:
+            issued += 1
+            clock = time.perf_counter()
+            response = await client.post("/enhance", content=image, headers={"content-type": "image/png"})
+            elapsed = time.perf_counter() - clock
+            if response.status_code != 200:
+                failures += 1
+                continue
+            latencies.append(elapsed)
+            batch_sizes.append(int(response.headers.get("x-batch-size", "1")))
+            match = _INFERENCE.search(response.headers.get("server-timing", ""))
+            if match:
+                overheads.append(elapsed - float(match.group(1)) / 1000.0)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
+        warm = [
+            client.post("/enhance", content=image, headers={"content-type": "image/png"})
+            for _ in range(concurrency)
+        ]
+        await asyncio.gather(*warm)
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "failures": failures,
+        "images_per_s": len(latencies) / elapsed,
+        "latency_ms_p50": percentile(latencies, 50) * 1000.0,
+        "latency_ms_p99": percentile(latencies, 99) * 1000.0,
+        "mean_batch_size": statistics.fmean(batch_sizes) if batch_sizes else 0.0,
+        "overhead_ms_p50": percentile(overheads, 50) * 1000.0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--weights", help="artifact to serve (default: random weights of --preset)")
+    parser.add_argument("--preset", default="lite", help="preset for random weights (lite, tiny, paper)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--requests", type=int, default=32, help="measured requests per configuration")
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client concurrency levels")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--torch-threads", type=int, default=0, help="0 = torch default")
+    parser.add_argument("--single-reps", type=int, default=5, help="batch-1 passes timed for the bare model")
+    parser.add_argument("--startup-timeout-s", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
+    image = test_image()
+
+    with tempfile.TemporaryDirectory() as folder:
+        weights = make_weights(args, Path(folder))
+        bare = bench_bare(weights, image, args)
+        with server(weights, args, args.max_batch_size) as url:
+            batched = {c: asyncio.run(drive(url, image, c, args.requests)) for c in args.concurrency}
+        top = max(args.concurrency)
+        with server(weights, args, 1) as url:
+            unbatched = asyncio.run(drive(url, image, top, args.requests))
+
+    result = {
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "image": "512x512 PNG",
+        "max_batch_size": args.max_batch_size,
+        "max_wait_ms": args.max_wait_ms,
+        "bare": bare,
+        "service": {str(c): stats for c, stats in batched.items()},
+        "unbatched": unbatched,
+        "ratios": {
+            f"service_over_bare_at_{top}": batched[top]["images_per_s"] / bare["images_per_s"],
+            f"batched_over_unbatched_at_{top}": batched[top]["images_per_s"] / unbatched["images_per_s"],
+            "api_overhead_ms_p50_at_1": batched[min(args.concurrency)]["overhead_ms_p50"],
+        },
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""CPU-side image work of the API process: decode, FOV crop to the working size, and the way back.
+
+Everything here is synchronous and CPU-bound; the routes run it in the app's thread pool so the event
+loop stays free. Errors for client data are raised as :class:`~service.errors.ApiError` with the
+status the design assigns (413 too large, 415 unsupported/undecodable, 422 not a usable fundus).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from model.fov import FovNotFound, SquareCrop, detect_fov, from_working, plan_crop, to_working
+from service.codecs import CodecRegistry, DecodedImage, ImageTooLarge, UndecodableImage
+from service.errors import ApiError
+from service.upload import Upload
+
+OutputSize = Literal["original", "model"]
+_GENERIC_TYPES = {"", "application/octet-stream", "binary/octet-stream"}
+
+
+@dataclass
+class Prepared:
+    """An upload ready for the model.
+
+    Attributes:
+        decoded: the decoded upload (pixels [H, W, 3] uint8 RGB).
+        crop: the square FOV crop that maps the image to the working size and back.
+        working: uint8 [S, S, 3] model input.
+    """
+
+    decoded: DecodedImage
+    crop: SquareCrop
+    working: np.ndarray
+
+    def model_input(self) -> np.ndarray:
+        """uint8 [3, S, S], the layout a queue job carries."""
+        return np.ascontiguousarray(self.working.transpose(2, 0, 1))
+
+
+def decode_upload(registry: CodecRegistry, upload: Upload, *, max_pixels: int, min_side: int) -> DecodedImage:
+    """Pick the codec from the declared type (checked against the magic bytes) and decode."""
+    sniffed = registry.sniff(upload.data[:512])
+    declared = (upload.declared_type or "").split(";", 1)[0].strip().lower()
+    supported = ", ".join(registry.decodable_types())
+    if declared in _GENERIC_TYPES:
+        if sniffed is None:
+            raise ApiError(
+                415, "unsupported_media_type", f"unrecognised image format; send one of {supported}"
+            )
+        codec = sniffed
+    else:
+        codec = registry.by_media_type(declared)
+        if codec is None or not codec.can_decode:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type {declared!r} is not supported; send one of {supported}",
+            )
+        if sniffed is not codec:
+            found = f"looks like {sniffed.media_type}" if sniffed else "is not a recognised image"
+            raise ApiError(415, "content_mismatch", f"declared {codec.media_type} but the data {found}")
+    try:
+        decoded = codec.decode(upload.data, max_pixels=max_pixels)
+    except ImageTooLarge as exc:
+        raise ApiError(413, "too_many_pixels", str(exc)) from None
+    except UndecodableImage as exc:
+        raise ApiError(415, "undecodable", str(exc)) from None
+    if min(decoded.width, decoded.height) < min_side:
+        raise ApiError(
+            422,
+            "image_too_small",
+            f"image is {decoded.width}×{decoded.height}; both sides must be at least {min_side} pixels",
+        )
+    return decoded
+
+
+def prepare(decoded: DecodedImage, working_size: int) -> Prepared:
+    """Find the field of view and cut the square working-size crop; 422 when there is no fundus."""
+    pixels = decoded.pixels
+    try:
+        circle = detect_fov(pixels)
+    except FovNotFound as exc:
+        raise ApiError(422, "no_fundus", f"no fundus field of view found in the image: {exc}") from None
+    crop = plan_crop(circle, pixels.shape[0], pixels.shape[1], working_size)
+    working = np.ascontiguousarray(to_working(pixels, crop), dtype=np.uint8)
+    return Prepared(decoded=decoded, crop=crop, working=working)
+
+
+def restore_enhanced(
+    prepared: Prepared, result: np.ndarray, *, output_size: OutputSize, method: Literal["transfer", "resize"]
+) -> np.ndarray:
+    """Enhanced uint8 [3, S, S] → [H, W, 3] in the input's geometry, or [S, S, 3] for ``model``."""
+    image = np.ascontiguousarray(result.transpose(1, 2, 0), dtype=np.uint8)
+    if output_size == "model":
+        return image
+    return from_working(
+        image, prepared.crop, prepared.decoded.pixels, working_input=prepared.working, method=method
+    )
+
+
+def restore_vessels(
+    prepared: Prepared, vessels: np.ndarray, *, output_size: OutputSize, threshold: float | None
+) -> np.ndarray:
+    """Vessel probability uint8 [S, S] → [H, W] (zero outside the crop), optionally binarised to 0/255."""
+    prob = np.ascontiguousarray(vessels, dtype=np.uint8)
+    if output_size == "original":
+        prob = from_working(prob, prepared.crop, prepared.decoded.pixels, method="resize")
+    if threshold is not None:
+        prob = np.where(prob.astype(np.float32) >= threshold * 255.0, 255, 0).astype(np.uint8)
+    return prob
+
+
+def degrade(
+    decoded: DecodedImage, *, seed: int, types: list[str] | None, mode: str
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Cofe-Net degradation of the whole image at its own resolution; returns uint8 [H, W, 3] and params."""
+    import torch
+
+    from model.degradation import degrade_image
+
+    tensor = torch.from_numpy(np.ascontiguousarray(decoded.pixels.transpose(2, 0, 1))).float().div_(255.0)
+    fov = _fov_tensor(decoded.pixels)
+    try:
+        degraded, params = degrade_image(tensor, fov, seed, types=types, mode=mode)
+    except ValueError as exc:
+        raise ApiError(400, "bad_request", f"invalid degradation request: {exc}") from None
+    out = (degraded.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return out, params
+
+
+def _fov_tensor(pixels: np.ndarray) -> Any:
+    """[1, H, W] float FOV mask for the degradation model, or None when no FOV is found."""
+    import torch
+
+    from model.fov import fov_mask
+
+    try:
+        circle = detect_fov(pixels)
+    except FovNotFound:
+        return None
+    mask = fov_mask(pixels.shape[0], pixels.shape[1], circle)
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32)).reshape(1, *pixels.shape[:2])

@@ -1,0 +1,115 @@
+"""Prometheus metrics of the API process (names fixed by the design; no ids in labels).
+
+Each app owns its own :class:`~prometheus_client.CollectorRegistry`, so several apps in one process
+(tests) never collide. Buckets run from 1 ms to 60 s so GPU milliseconds and CPU seconds both resolve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+
+# Endpoint label values; anything else is folded into "other" to keep cardinality bounded.
+ENDPOINTS = ("/enhance", "/segment", "/degrade", "/model", "/healthz", "/readyz", "/metrics")
+
+
+def endpoint_label(path: str) -> str:
+    return path if path in ENDPOINTS else "other"
+
+
+class Metrics:
+    """The service's collectors, registered in a private registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "fundus_requests_total",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "fundus_request_duration_seconds",
+            "End-to-end request time",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "fundus_queue_wait_seconds",
+            "Time a job waited between enqueue and its batch start",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "fundus_batch_size", "Jobs per model pass", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.inference_duration = Histogram(
+            "fundus_inference_duration_seconds",
+            "Model time of one batch (one observation per batch)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("fundus_queue_depth", "Jobs waiting for the model", registry=r)
+        self.rejected = Counter(
+            "fundus_rejected_total", "Requests refused, by reason (error code)", ["reason"], registry=r
+        )
+        self.model_info = Gauge(
+            "fundus_model_info", "Served weights (always 1)", ["version", "preset", "device"], registry=r
+        )
+        self.preprocess_duration = Histogram(
+            "fundus_preprocess_seconds",
+            "Decode, FOV detection and resize time per request",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.postprocess_duration = Histogram(
+            "fundus_postprocess_seconds",
+            "Mapping back to the input geometry and encoding per request",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge("fundus_inflight_requests", "Requests being handled now", registry=r)
+        self.batch_failures = Counter(
+            "fundus_batch_failures_total",
+            "Model passes that raised (every job of the batch failed)",
+            registry=r,
+        )
+        self.ready = Gauge("fundus_ready", "1 when the service reports ready", registry=r)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.inference_duration.observe(seconds)
+
+    def track_queue_depth(self, depth: Callable[[], int]) -> None:
+        """Read the depth from the queue backend at scrape time."""
+        self.queue_depth.set_function(lambda: float(depth()))
+
+    def set_model(self, version: str, preset: str, device: str) -> None:
+        self.model_info.labels(version=version, preset=preset, device=device).set(1)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

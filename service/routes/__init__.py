@@ -1,0 +1,1 @@
+"""HTTP routes: image endpoints (``images``) and operational endpoints (``ops``)."""

@@ -1,0 +1,401 @@
+"""``POST /enhance``, ``/segment`` and ``/degrade``.
+
+Each request: read the upload within the size limit → decode, find the FOV and crop to the working
+size in the thread pool → one queue job (shared model pass for both model endpoints) → map the
+answer back to the input geometry and encode in the thread pool. ``/degrade`` needs no model: it runs
+the degradation model on the CPU pool directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from service.auth import require_api_key
+from service.codecs import Codec, CodecError, CodecRegistry, DecodedImage, EncodeContext
+from service.errors import ApiError
+from service.imaging import Prepared, decode_upload, degrade, prepare, restore_enhanced, restore_vessels
+from service.logging import current_request_id
+from service.queue.base import BackendUnavailable, InferenceQueue, Job, JobResult, Task
+from service.queue.embedded import EmbeddedQueue
+from service.schemas import IMAGE_REQUEST_BODY, image_responses
+from service.state import ServiceState, get_state
+from service.upload import read_upload
+
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["images"])
+
+OutputFormat = Literal["png", "jpeg", "tiff", "dicom"]
+OutputSizeParam = Literal["original", "model"]
+DEGRADATION_TYPES = ("illumination", "spot", "blur")
+_IMAGE_MEDIA = ("image/png", "image/jpeg", "image/tiff", "application/dicom")
+
+FormatQuery = Annotated[
+    OutputFormat | None,
+    Query(description="output format; overrides Accept (default PNG, or DICOM for DICOM input)"),
+]
+StoreQuery = Annotated[
+    bool | None,
+    Query(description="push a DICOM answer to the PACS (FUNDUS_DICOMWEB_URL); default: when one is set"),
+]
+ReportQuery = Annotated[
+    Literal["file", "json"],
+    Query(description="`file`: the result is the body; `json`: a JSON report of the PACS store"),
+]
+OutputSizeQuery = Annotated[
+    OutputSizeParam,
+    Query(description="`original`: input width, height and FOV placement; `model`: the working-size crop"),
+]
+
+
+def _reject_unknown_query(request: Request, allowed: set[str]) -> None:
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        raise ApiError(400, "bad_request", f"unknown query parameter(s): {', '.join(unknown)}")
+
+
+def choose_output_codec(registry: CodecRegistry, fmt: str | None, accept: str | None, default: str) -> Codec:
+    """``format=`` wins; else the first acceptable type in ``Accept`` (by q); else ``default``."""
+    if fmt:
+        codec = registry.by_format(fmt)
+        if codec is None or not codec.can_encode:
+            raise ApiError(400, "unsupported_format", f"output format {fmt!r} is not available")
+        return codec
+    fallback = registry.by_format(default) or registry.by_format("png")
+    assert fallback is not None
+    if not accept or not accept.strip():
+        return fallback
+    ranked: list[tuple[float, int, str]] = []
+    for index, item in enumerate(accept.split(",")):
+        media, _, params = item.strip().partition(";")
+        quality = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if media and quality > 0:
+            ranked.append((-quality, index, media.strip().lower()))
+    for _, _, media in sorted(ranked):
+        if media in ("*/*", "image/*"):
+            return fallback
+        codec = registry.by_media_type(media)
+        if codec is not None and codec.can_encode:
+            return codec
+    offered = ", ".join(c.media_type for c in registry.codecs if c.can_encode)
+    raise ApiError(406, "not_acceptable", f"none of the Accept types can be produced; available: {offered}")
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return once the client has gone away (the body is fully read, so only disconnects remain)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def submit_until_disconnect(request: Request, queue: InferenceQueue, job: Job) -> JobResult:
+    """Await the job, cancelling it (so the batcher drops it) if the client disconnects first."""
+    submit = asyncio.ensure_future(queue.submit(job))
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({submit, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if submit in done:
+        return submit.result()
+    submit.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await submit
+    raise ApiError(499, "client_disconnected", "client closed the connection before the result was ready")
+
+
+def _deadline(request: Request, state: ServiceState) -> float:
+    arrived = getattr(request.state, "arrived", None) or time.time()
+    return float(arrived) + state.settings.request_timeout_s
+
+
+def _server_timing(**durations_s: float) -> str:
+    return ", ".join(f"{name};dur={seconds * 1000.0:.1f}" for name, seconds in durations_s.items())
+
+
+async def _decode_prepare(state: ServiceState, request: Request) -> Prepared:
+    upload = await read_upload(request, state.settings.max_upload_bytes)
+    assert state.info is not None
+    working_size = state.info.working_size
+
+    def work() -> Prepared:
+        decoded = decode_upload(
+            state.codecs, upload, max_pixels=state.settings.max_pixels, min_side=state.settings.min_image_side
+        )
+        return prepare(decoded, working_size)
+
+    return await state.cpu(work)
+
+
+def _default_format(registry: CodecRegistry, decoded: DecodedImage) -> str:
+    """PNG, or the input's own format when that format is one clients expect back (DICOM)."""
+    own = registry.by_media_type(decoded.media_type)
+    if own is not None and own.can_encode and own.format_name == "dicom":
+        return own.format_name
+    return "png"
+
+
+def _encode_extra(codec: Codec, request: Request) -> dict[str, Any]:
+    """Format-specific encoder options taken from the request (DICOM: the transfer syntax in Accept)."""
+    if codec.format_name != "dicom":
+        return {}
+    from service.dicom.codec import transfer_syntax_from_accept
+
+    return {"transfer_syntax": transfer_syntax_from_accept(request.headers.get("accept"))}
+
+
+def _check_store(state: ServiceState, store: bool | None, report: str) -> None:
+    """Refuse an impossible PACS-store request before any model work (400)."""
+    if store is None and report == "file":
+        return
+    from service.dicom.pacs import validate_store_request
+
+    validate_store_request(store, state.settings.dicomweb_url, None, report)  # type: ignore[arg-type]
+
+
+async def _deliver(
+    state: ServiceState,
+    body: bytes,
+    codec: Codec,
+    headers: dict[str, str],
+    store: bool | None,
+    report: str,
+) -> Response:
+    """The answer, after a PACS store when the request or the configuration asks for one."""
+    if codec.format_name != "dicom" and store is None and report == "file":
+        return Response(content=body, media_type=codec.media_type, headers=headers)
+    from service.dicom.pacs import respond_with_store
+
+    return await respond_with_store(
+        body,
+        codec.media_type,
+        headers,
+        dicomweb_url=state.settings.dicomweb_url,
+        store=store,
+        report=report,  # type: ignore[arg-type]
+    )
+
+
+def _encode(codec: Codec, pixels: np.ndarray, original: DecodedImage | None, context: EncodeContext) -> bytes:
+    try:
+        return codec.encode(pixels, original=original, context=context)
+    except CodecError as exc:
+        raise ApiError(400, "unsupported_format", f"cannot produce {codec.format_name}: {exc}") from None
+
+
+async def _model_request(
+    request: Request,
+    task: Task,
+    fmt: str | None,
+    output_size: str,
+    threshold: float | None = None,
+    store: bool | None = None,
+    report: str = "file",
+) -> Response:
+    state = get_state(request)
+    if state.queue is None or state.info is None or not state.ready:
+        raise BackendUnavailable("the model is not loaded yet", retry_after_s=1)
+    _check_store(state, store, report)
+    metrics = state.metrics
+    queue = state.queue
+    request_id = current_request_id() or secrets.token_hex(8)
+    # Tell the embedded batcher a job is on its way, so an idle model waits for it rather than
+    # running a smaller batch; a lone request is run at once.
+    hinted = isinstance(queue, EmbeddedQueue)
+    if hinted:
+        queue.announce(request_id)
+    try:
+        clock = time.perf_counter()
+        prepared = await _decode_prepare(state, request)
+        default_format = _default_format(state.codecs, prepared.decoded)
+        codec = choose_output_codec(state.codecs, fmt, request.headers.get("accept"), default_format)
+        preprocess_s = time.perf_counter() - clock
+        metrics.preprocess_duration.observe(preprocess_s)
+        job = Job(
+            request_id=request_id,
+            task=task,
+            pixels=prepared.model_input(),
+            deadline=_deadline(request, state),
+        )
+        result = await submit_until_disconnect(request, queue, job)
+    finally:
+        if hinted:
+            queue.retract(request_id)
+    metrics.queue_wait.observe(result.queue_seconds)
+
+    clock = time.perf_counter()
+    context = EncodeContext(
+        task=task.value,
+        model_version=state.model_version,
+        description="T-MAGE-Net enhancement" if task is Task.ENHANCE else "T-MAGE-Net vessel probability",
+        extra=_encode_extra(codec, request),
+    )
+
+    def finish() -> bytes:
+        if task is Task.ENHANCE:
+            assert result.image is not None
+            pixels = restore_enhanced(
+                prepared,
+                result.image,
+                output_size=output_size,  # type: ignore[arg-type]
+                method=state.settings.output_method,
+            )
+        else:
+            assert result.vessels is not None
+            pixels = restore_vessels(
+                prepared,
+                result.vessels,
+                output_size=output_size,
+                threshold=threshold,  # type: ignore[arg-type]
+            )
+        return _encode(codec, pixels, prepared.decoded, context)
+
+    body = await state.cpu(finish)
+    postprocess_s = time.perf_counter() - clock
+    metrics.postprocess_duration.observe(postprocess_s)
+    timing = _server_timing(
+        queue=result.queue_seconds, inference=result.inference_seconds, pre=preprocess_s, post=postprocess_s
+    )
+    headers = {"Server-Timing": timing, "X-Batch-Size": str(result.batch_size)}
+    return await _deliver(state, body, codec, headers, store, report)
+
+
+@router.post(
+    "/enhance",
+    summary="Enhance a fundus photograph",
+    response_class=Response,
+    responses=image_responses("the enhanced image, in the input's geometry by default", _IMAGE_MEDIA),
+    openapi_extra=IMAGE_REQUEST_BODY,
+)
+async def enhance(
+    request: Request,
+    format: FormatQuery = None,
+    output_size: OutputSizeQuery = "original",
+    store: StoreQuery = None,
+    report: ReportQuery = "file",
+) -> Response:
+    _reject_unknown_query(request, {"format", "output_size", "store", "report"})
+    return await _model_request(request, Task.ENHANCE, format, output_size, store=store, report=report)
+
+
+@router.post(
+    "/segment",
+    summary="Vessel probability map of a fundus photograph",
+    response_class=Response,
+    responses=image_responses(
+        "8-bit grayscale vessel probability (or 0/255 mask with threshold)", _IMAGE_MEDIA
+    ),
+    openapi_extra=IMAGE_REQUEST_BODY,
+)
+async def segment(
+    request: Request,
+    format: FormatQuery = None,
+    output_size: OutputSizeQuery = "original",
+    threshold: Annotated[
+        float | None, Query(ge=0.0, le=1.0, description="binarise: pixels with probability ≥ threshold → 255")
+    ] = None,
+    store: StoreQuery = None,
+    report: ReportQuery = "file",
+) -> Response:
+    _reject_unknown_query(request, {"format", "output_size", "threshold", "store", "report"})
+    return await _model_request(
+        request, Task.SEGMENT, format, output_size, threshold, store=store, report=report
+    )
+
+
+def parse_types(raw: str | None) -> list[str] | None:
+    """``illumination,spot`` → list; None means every type. Unknown or empty names → 400."""
+    if raw is None:
+        return None
+    names = [name.strip().lower() for name in raw.split(",")]
+    if not names or any(not name for name in names):
+        raise ApiError(400, "bad_request", "types must be a comma-separated list of illumination, spot, blur")
+    unknown = sorted(set(names) - set(DEGRADATION_TYPES))
+    if unknown:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"unknown degradation type(s) {', '.join(unknown)}; valid: {', '.join(DEGRADATION_TYPES)}",
+        )
+    return list(dict.fromkeys(names))
+
+
+def _params_header(params: dict[str, Any]) -> str:
+    def plain(value: Any) -> Any:
+        if hasattr(value, "tolist"):
+            return value.tolist()
+        if hasattr(value, "item"):
+            return value.item()
+        return str(value)
+
+    return json.dumps(params, default=plain, separators=(",", ":"), ensure_ascii=True)
+
+
+@router.post(
+    "/degrade",
+    summary="Cofe-Net degradation of a fundus photograph (reproducible by seed)",
+    response_class=Response,
+    responses=image_responses("the degraded image; parameters in X-Degradation-Params", _IMAGE_MEDIA),
+    openapi_extra=IMAGE_REQUEST_BODY,
+)
+async def degrade_endpoint(
+    request: Request,
+    seed: Annotated[
+        int | None, Query(ge=0, le=2**63 - 1, description="random seed; drawn when absent")
+    ] = None,
+    types: Annotated[
+        str | None, Query(description="comma-separated subset of illumination,spot,blur")
+    ] = None,
+    mode: Annotated[
+        Literal["cofe", "paper"], Query(description="parameter ranges: Cofe-Net or the paper")
+    ] = "cofe",
+    format: FormatQuery = None,
+    store: StoreQuery = None,
+    report: ReportQuery = "file",
+) -> Response:
+    _reject_unknown_query(request, {"seed", "types", "mode", "format", "store", "report"})
+    state = get_state(request)
+    _check_store(state, store, report)
+    chosen_types = parse_types(types)
+    used_seed = seed if seed is not None else secrets.randbelow(2**31)
+    upload = await read_upload(request, state.settings.max_upload_bytes)
+    clock = time.perf_counter()
+
+    def work() -> tuple[DecodedImage, np.ndarray, dict[str, Any]]:
+        decoded = decode_upload(
+            state.codecs, upload, max_pixels=state.settings.max_pixels, min_side=state.settings.min_image_side
+        )
+        pixels, params = degrade(decoded, seed=used_seed, types=chosen_types, mode=mode)
+        return decoded, pixels, params
+
+    decoded, pixels, params = await state.cpu(work)
+    codec = choose_output_codec(
+        state.codecs, format, request.headers.get("accept"), _default_format(state.codecs, decoded)
+    )
+    params = {**params, "seed": used_seed, "mode": mode, "types": chosen_types or list(DEGRADATION_TYPES)}
+    context = EncodeContext(
+        task="degrade",
+        model_version=state.model_version,
+        description="Cofe-Net degradation",
+        extra={**params, **_encode_extra(codec, request)},
+    )
+    body = await state.cpu(_encode, codec, pixels, decoded, context)
+    headers = {
+        "X-Degradation-Params": _params_header(params),
+        "Server-Timing": _server_timing(degrade=time.perf_counter() - clock),
+    }
+    return await _deliver(state, body, codec, headers, store, report)

@@ -1,0 +1,139 @@
+"""The model batch runner shared by the embedded batcher and the Redis worker.
+
+``ModelRunner.run_jobs`` takes jobs of any endpoint, stacks their uint8 [3, S, S] inputs into one
+[B, 3, S, S] batch, runs one model pass that yields what the batch needs (enhanced image and/or vessel
+probability) and splits the answer into one :class:`JobResult` per job. On CUDA out-of-memory the
+batch is halved and retried, down to single images, before giving up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model.device import autocast
+from model.magenet import MageNet
+from service.queue.base import Job, JobResult, Task
+
+log = logging.getLogger("fundus.runner")
+
+BatchObserver = Callable[[int, float], None]
+
+
+@dataclass
+class BatchOutput:
+    """Model answers for a batch: images uint8 [B, 3, S, S] and vessels uint8 [B, S, S], when asked for."""
+
+    images: np.ndarray | None
+    vessels: np.ndarray | None
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _to_uint8(values: torch.Tensor) -> np.ndarray:
+    """[0, 1] float tensor → rounded uint8 numpy array on the CPU."""
+    return values.float().clamp_(0.0, 1.0).mul_(255.0).add_(0.5).to(torch.uint8).cpu().numpy()
+
+
+class ModelRunner:
+    """Runs uint8 batches through a loaded MAGE-Net on one device.
+
+    Args:
+        model: the network, in eval mode, already on ``device``.
+        device: where the model lives.
+        working_size: S, the square input size every job must have.
+        on_batch: called with (batch size, seconds) once per executed model pass (metrics).
+    """
+
+    def __init__(
+        self,
+        model: MageNet,
+        device: torch.device,
+        working_size: int,
+        *,
+        on_batch: BatchObserver | None = None,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.working_size = working_size
+        self.on_batch = on_batch
+
+    def infer(self, pixels: np.ndarray, *, need_image: bool, need_vessels: bool) -> BatchOutput:
+        """One pass over uint8 [B, 3, S, S]; halves the batch and retries on out-of-memory."""
+        expected = (3, self.working_size, self.working_size)
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected or pixels.dtype != np.uint8:
+            raise ValueError(f"expected uint8 [B, {expected}], got {pixels.dtype} {tuple(pixels.shape)}")
+        try:
+            return self._forward(pixels, need_image=need_image, need_vessels=need_vessels)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_oom(exc) or len(pixels) == 1:
+                raise
+            log.warning("out of memory; splitting the batch", extra={"batch_size": len(pixels)})
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(pixels) // 2
+            first = self.infer(pixels[:half], need_image=need_image, need_vessels=need_vessels)
+            second = self.infer(pixels[half:], need_image=need_image, need_vessels=need_vessels)
+            return BatchOutput(
+                images=None if first.images is None else np.concatenate([first.images, second.images]),
+                vessels=None if first.vessels is None else np.concatenate([first.vessels, second.vessels]),
+            )
+
+    def _forward(self, pixels: np.ndarray, *, need_image: bool, need_vessels: bool) -> BatchOutput:
+        with torch.inference_mode():
+            batch = torch.from_numpy(pixels).to(self.device, non_blocking=True).float().div_(255.0)
+            with autocast(self.device):
+                image, vessels = self.model.infer(batch, need_image=need_image, need_vessels=need_vessels)
+            return BatchOutput(
+                images=None if image is None else _to_uint8(image),
+                vessels=None if vessels is None else _to_uint8(vessels[:, 0]),
+            )
+
+    def run_jobs(self, jobs: Sequence[Job]) -> list[JobResult]:
+        """One model pass for ``jobs`` (any mix of tasks); results in the same order."""
+        if not jobs:
+            return []
+        started = time.time()
+        need_image = any(job.task is Task.ENHANCE for job in jobs)
+        need_vessels = any(job.task is Task.SEGMENT for job in jobs)
+        pixels = np.stack([job.pixels for job in jobs])
+        clock = time.perf_counter()
+        output = self.infer(pixels, need_image=need_image, need_vessels=need_vessels)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - clock
+        if self.on_batch is not None:
+            self.on_batch(len(jobs), seconds)
+        results = []
+        for index, job in enumerate(jobs):
+            results.append(
+                JobResult(
+                    image=output.images[index]
+                    if job.task is Task.ENHANCE and output.images is not None
+                    else None,
+                    vessels=(
+                        output.vessels[index]
+                        if job.task is Task.SEGMENT and output.vessels is not None
+                        else None
+                    ),
+                    queue_seconds=max(0.0, started - job.enqueued_at),
+                    inference_seconds=seconds,
+                    batch_size=len(jobs),
+                )
+            )
+        return results
+
+    def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> float:
+        """Run zero batches through both outputs (allocator, cudnn autotune); returns seconds taken."""
+        clock = time.perf_counter()
+        size = self.working_size
+        for count in batch_sizes:
+            self.infer(np.zeros((count, 3, size, size), dtype=np.uint8), need_image=True, need_vessels=True)
+        return time.perf_counter() - clock

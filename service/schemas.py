@@ -1,0 +1,114 @@
+"""Response models and OpenAPI fragments (request bodies are read by hand, so they are described here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable error code")
+    message: str = Field(description="human-readable explanation")
+    request_id: str | None = Field(description="the X-Request-ID of the failed request")
+
+
+class ErrorResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "code": "no_fundus",
+                        "message": "no fundus field of view found in the image",
+                        "request_id": "3f2a9c1e0b7d4e8f",
+                    }
+                }
+            ]
+        }
+    )
+    error: ErrorDetail
+
+
+class ModelResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "preset": "lite",
+                    "version": "lite-0123456789ab",
+                    "sha256": "0123456789ab…",
+                    "parameter_count": 1843211,
+                    "working_size": 512,
+                    "device": "cpu",
+                    "created": "2026-01-01T00:00:00+00:00",
+                    "training": {"steps": 40000},
+                    "metrics": {"psnr": 24.1, "ssim": 0.87},
+                }
+            ]
+        }
+    )
+    preset: str
+    version: str
+    sha256: str
+    parameter_count: int
+    working_size: int
+    device: str
+    created: str
+    training: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+class StatusResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+    status: str
+
+
+_BINARY = {"type": "string", "format": "binary"}
+
+IMAGE_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "The image, as the multipart field `file` or as the raw body with its Content-Type.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": _BINARY}, "required": ["file"]}
+            },
+            "image/png": {"schema": _BINARY},
+            "image/jpeg": {"schema": _BINARY},
+            "image/tiff": {"schema": _BINARY},
+            "application/dicom": {"schema": _BINARY},
+        },
+    }
+}
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "bad parameters, empty body or malformed multipart",
+        401: "missing or invalid API key (when keys are configured)",
+        406: "no acceptable output format in Accept",
+        413: "upload or image dimensions over the limit",
+        415: "unsupported, mismatched or undecodable media",
+        422: "image too small or no fundus found",
+        429: "queue full; see Retry-After",
+        503: "not ready, shutting down or model failure; see Retry-After",
+        504: "the request deadline passed",
+    }.items()
+}
+
+
+def image_responses(description: str, media_types: tuple[str, ...]) -> dict[int | str, dict[str, Any]]:
+    ok: dict[str, Any] = {
+        "description": description,
+        "content": {media: {"schema": _BINARY} for media in media_types},
+        "headers": {
+            "X-Request-ID": {"schema": {"type": "string"}, "description": "echoed or generated request id"},
+            "X-Model-Version": {"schema": {"type": "string"}, "description": "served weights version"},
+            "Server-Timing": {
+                "schema": {"type": "string"},
+                "description": "queue, inference, preprocess and postprocess times in ms",
+            },
+        },
+    }
+    return {200: ok, **_ERRORS}

@@ -1,0 +1,88 @@
+"""Service settings, read from ``FUNDUS_*`` environment variables (and an optional ``.env`` file).
+
+Nothing here is read at import time: :func:`load_settings` builds a fresh object, so tests pass
+their own :class:`Settings` to ``create_app`` and the process environment never leaks between apps.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.artifact import BUNDLED_WEIGHTS
+
+
+class Settings(BaseSettings):
+    """Every knob of ``fundus serve``; the README lists them with their defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="FUNDUS_", env_file=".env", extra="ignore")
+
+    weights: Path = Field(default=BUNDLED_WEIGHTS, description="weight artifact (.safetensors) to serve")
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    redis_url: str | None = Field(
+        default=None, description="use the Redis Streams queue instead of the embedded one"
+    )
+    redis_stream_prefix: str = Field(
+        default="fundus", description="prefix of every Redis key (shared with workers)"
+    )
+    max_batch_size: int = Field(default=8, ge=1, le=256, description="largest model batch")
+    max_batch_wait_ms: float = Field(
+        default=10.0, ge=0.0, le=10_000.0, description="longest a request waits for its batch to fill"
+    )
+    max_queue: int = Field(default=64, ge=1, description="jobs allowed to wait for the model; beyond → 429")
+    request_timeout_s: float = Field(default=30.0, gt=0.0, description="per-request deadline → 504")
+    max_upload_mb: float = Field(default=32.0, gt=0.0, description="largest request body in MiB → 413")
+    max_pixels: int = Field(
+        default=64_000_000, ge=1, description="largest decoded image (width × height) → 413"
+    )
+    min_image_side: int = Field(default=64, ge=1, description="smaller images are refused with 422")
+    api_keys: str = Field(default="", repr=False, description="comma-separated API keys; empty disables auth")
+    metrics_auth: bool = Field(default=False, description="also require an API key on /metrics")
+    dicomweb_url: str | None = Field(default=None, description="DICOMweb STOW-RS endpoint for DICOM results")
+    host: str = Field(default="0.0.0.0", description="bind address of `fundus serve`")
+    port: int = Field(default=8000, ge=1, le=65535, description="bind port of `fundus serve`")
+    workers: int = Field(default=1, ge=1, description="server processes, each with its own model copy")
+    output_method: Literal["transfer", "resize"] = Field(
+        default="transfer", description="how the working-size result is mapped back to the input resolution"
+    )
+    shutdown_timeout_s: float = Field(
+        default=30.0, ge=0.0, description="drain time for in-flight work on stop"
+    )
+    cpu_workers: int = Field(
+        default=0, ge=0, description="threads for decode/FOV/resize/encode; 0 = min(4, CPU count)"
+    )
+    torch_threads: int = Field(
+        default=0, ge=0, description="intra-op threads for the model; 0 = torch default"
+    )
+    warmup: bool = Field(default=True, description="run one model pass before reporting ready")
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return level
+
+    @property
+    def api_key_list(self) -> list[str]:
+        """Configured keys, blanks dropped; an empty list means the image endpoints are open."""
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def cpu_threads(self) -> int:
+        return self.cpu_workers or max(1, min(4, os.cpu_count() or 1))
+
+
+def load_settings() -> Settings:
+    """Settings from the current environment."""
+    return Settings()

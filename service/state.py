@@ -1,0 +1,80 @@
+"""Per-app runtime state (settings, metrics, codecs, model description, queue) and how routes reach it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+
+from service.codecs import CodecRegistry
+from service.metrics import Metrics
+from service.queue.base import InferenceQueue
+from service.runner import ModelRunner
+from service.settings import Settings
+
+T = TypeVar("T")
+
+
+@dataclass
+class ModelInfo:
+    """What the service tells clients about the served weights."""
+
+    preset: str
+    version: str
+    sha256: str
+    parameter_count: int
+    working_size: int
+    device: str
+    created: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "version": self.version,
+            "sha256": self.sha256,
+            "parameter_count": self.parameter_count,
+            "working_size": self.working_size,
+            "device": self.device,
+            "created": self.created,
+            "training": self.training,
+            "metrics": self.metrics,
+        }
+
+
+@dataclass
+class ServiceState:
+    """Everything the routes need, created by ``create_app`` and completed by the lifespan."""
+
+    settings: Settings
+    metrics: Metrics
+    codecs: CodecRegistry
+    executor: ThreadPoolExecutor
+    info: ModelInfo | None = None
+    runner: ModelRunner | None = None
+    queue: InferenceQueue | None = None
+    ready: bool = False
+    draining: bool = False
+    not_ready_reason: str = "starting"
+
+    async def cpu(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run CPU-bound ``func`` in the image thread pool (keeps the request id context)."""
+        context = contextvars.copy_context()
+        call = functools.partial(context.run, func, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
+
+    @property
+    def model_version(self) -> str:
+        return self.info.version if self.info is not None else "unloaded"
+
+
+def get_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state

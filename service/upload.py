@@ -1,0 +1,140 @@
+"""Reading an image upload: a raw body with its Content-Type, or the ``file`` field of a multipart form.
+
+The size limit is enforced while the body streams in: a declared ``Content-Length`` over the limit is
+refused before anything is read, and a body that grows past it (chunked, or lying about its length)
+is refused as soon as the limit is crossed, so an oversized upload never sits whole in memory.
+Multipart bodies are parsed incrementally and only the ``file`` part is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from service.errors import ApiError
+
+FILE_FIELD = "file"
+
+
+@dataclass
+class Upload:
+    """The uploaded image bytes and the media type the client declared for them (None if absent)."""
+
+    data: bytes
+    declared_type: str | None
+
+
+class _FilePart:
+    """Collects the ``file`` field of a multipart body as the parser emits it."""
+
+    def __init__(self) -> None:
+        self.found = False
+        self.content_type: str | None = None
+        self.data = bytearray()
+        self._in_file = False
+        self._field = bytearray()
+        self._value = bytearray()
+        self._headers: dict[str, str] = {}
+
+    def callbacks(self) -> dict[str, object]:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        }
+
+    def _part_begin(self) -> None:
+        self._headers = {}
+        self._in_file = False
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._field.decode("latin-1").lower()] = self._value.decode("latin-1")
+        self._field.clear()
+        self._value.clear()
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get("content-disposition", ""))
+        name = options.get(b"name", b"").decode("latin-1")
+        if name == FILE_FIELD and not self.found:
+            self._in_file = True
+            self.found = True
+            self.content_type = self._headers.get("content-type") or None
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._in_file:
+            self.data += data[start:end]
+
+    def _part_end(self) -> None:
+        self._in_file = False
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "too_large", f"request body exceeds the upload limit of {limit} bytes")
+
+
+async def read_upload(request: Request, max_bytes: int) -> Upload:
+    """Read the image from ``request`` within ``max_bytes``; raises :class:`ApiError` (400/413)."""
+    declared_length = request.headers.get("content-length")
+    if declared_length is not None:
+        try:
+            length = int(declared_length)
+        except ValueError:
+            raise ApiError(400, "bad_request", "Content-Length is not an integer") from None
+        if length > max_bytes:
+            raise _too_large(max_bytes)
+
+    content_type = request.headers.get("content-type")
+    media_type, options = parse_options_header(content_type or "")
+    is_multipart = media_type == b"multipart/form-data"
+    parser: MultipartParser | None = None
+    part: _FilePart | None = None
+    if is_multipart:
+        boundary = options.get(b"boundary")
+        if not boundary:
+            raise ApiError(400, "bad_request", "multipart body without a boundary")
+        part = _FilePart()
+        parser = MultipartParser(boundary, part.callbacks())  # type: ignore[arg-type]
+
+    raw = bytearray()
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes:
+                raise _too_large(max_bytes)
+            if parser is not None:
+                parser.write(chunk)
+            else:
+                raw += chunk
+        if parser is not None:
+            parser.finalize()
+    except MultipartParseError as exc:
+        raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from None
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "client closed the connection during upload") from None
+
+    if part is not None:
+        if not part.found:
+            raise ApiError(400, "missing_file", f"multipart body has no '{FILE_FIELD}' field")
+        data = bytes(part.data)
+        declared = part.content_type
+    else:
+        data = bytes(raw)
+        declared = content_type
+    if not data:
+        raise ApiError(400, "empty_body", "the request carries no image data")
+    return Upload(data=data, declared_type=declared)

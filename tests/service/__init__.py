@@ -1,0 +1,1 @@
+"""HTTP service tests (embedded queue, tiny weights)."""

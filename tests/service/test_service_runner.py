@@ -1,0 +1,68 @@
+"""The batch runner: one shared pass for mixed tasks, results split per job, OOM splitting."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.artifact import load_artifact
+from service.queue.base import Job, Task
+from service.runner import ModelRunner
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_artifact: Path) -> ModelRunner:
+    torch.set_num_threads(1)
+    artifact = load_artifact(tiny_artifact, "cpu")
+    return ModelRunner(artifact.model, torch.device("cpu"), artifact.config.working_size)
+
+
+def _jobs(size: int, tasks: list[Task]) -> list[Job]:
+    rng = np.random.default_rng(1)
+    return [
+        Job(f"r{i}", task, rng.integers(0, 255, (3, size, size), dtype=np.uint8), time.time() + 60)
+        for i, task in enumerate(tasks)
+    ]
+
+
+def test_mixed_batch_returns_what_each_job_asked_for(runner: ModelRunner) -> None:
+    seen: list[tuple[int, float]] = []
+    runner.on_batch = lambda size, seconds: seen.append((size, seconds))
+    jobs = _jobs(runner.working_size, [Task.ENHANCE, Task.SEGMENT, Task.ENHANCE])
+    results = runner.run_jobs(jobs)
+    runner.on_batch = None
+    assert len(results) == 3 and seen and seen[0][0] == 3
+    size = runner.working_size
+    assert results[0].image is not None and results[0].image.shape == (3, size, size)
+    assert results[0].vessels is None
+    assert results[1].image is None and results[1].vessels is not None
+    assert results[1].vessels.shape == (size, size) and results[1].vessels.dtype == np.uint8
+    assert all(r.batch_size == 3 for r in results)
+    alone = runner.run_jobs([jobs[2]])[0]
+    assert alone.image is not None
+    assert np.abs(alone.image.astype(int) - results[2].image.astype(int)).max() <= 1
+
+
+def test_wrong_input_shape_is_refused(runner: ModelRunner) -> None:
+    with pytest.raises(ValueError, match="expected uint8"):
+        runner.infer(np.zeros((1, 3, 8, 8), np.uint8), need_image=True, need_vessels=False)
+
+
+def test_out_of_memory_halves_the_batch(runner: ModelRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_infer = runner.model.infer
+    sizes: list[int] = []
+
+    def limited(x: torch.Tensor, **kwargs: bool):  # type: ignore[no-untyped-def]
+        sizes.append(int(x.shape[0]))
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_infer(x, **kwargs)
+
+    monkeypatch.setattr(runner.model, "infer", limited)
+    results = runner.run_jobs(_jobs(runner.working_size, [Task.ENHANCE] * 5))
+    assert len(results) == 5 and all(r.image is not None for r in results)
+    assert sizes[0] == 5 and sum(s for s in sizes if s <= 2) == 5  # every image ran once, in halves
