@@ -214,6 +214,9 @@ async def _start(state: ServiceState) -> None:
     await queue.start()
     state.queue = queue
     state.metrics.track_queue_depth(queue.depth)
+    register_queue_metrics = getattr(queue, "register_metrics", None)
+    if register_queue_metrics is not None:
+        register_queue_metrics(state.metrics.registry)
     state.metrics.set_model(state.info.version, state.info.preset, state.info.device)
     state.ready = True
     state.not_ready_reason = ""

@@ -1,0 +1,106 @@
+"""Prometheus metrics of a ``fundus worker`` process, served on its own port.
+
+The batch histograms keep the API's names (``fundus_batch_size``, ``fundus_inference_duration_seconds``,
+``fundus_queue_wait_seconds``) so one dashboard panel covers the embedded and the Redis deployment;
+the stream health series are worker-only (``fundus_worker_*``). No request ids in labels.
+Each :class:`WorkerMetrics` owns a private registry, so several workers can live in one test process.
+"""
+
+from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+
+# Outcomes of a job taken from the stream (label values of fundus_worker_jobs_total).
+OUTCOMES = ("ok", "expired", "failed", "dead_letter", "malformed")
+
+
+class WorkerMetrics:
+    """The worker's collectors in a private registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.batch_size = Histogram(
+            "fundus_batch_size", "Jobs per model pass", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.inference_duration = Histogram(
+            "fundus_inference_duration_seconds",
+            "Model time of one batch (one observation per batch)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "fundus_queue_wait_seconds",
+            "Enqueue (API clock) to batch start (worker clock)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.jobs = Counter(
+            "fundus_worker_jobs_total",
+            "Jobs taken from the request stream, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in OUTCOMES:
+            self.jobs.labels(outcome=outcome)
+        self.pending = Gauge(
+            "fundus_worker_pending_entries",
+            "Entries delivered to some worker and not yet acknowledged",
+            registry=r,
+        )
+        self.stream_length = Gauge(
+            "fundus_worker_stream_entries", "Entries in the request stream (waiting + running)", registry=r
+        )
+        self.oldest_pending_age = Gauge(
+            "fundus_worker_oldest_pending_age_seconds", "Age of the oldest unacknowledged entry", registry=r
+        )
+        self.reclaimed = Counter(
+            "fundus_worker_reclaimed_total", "Entries claimed from idle (presumed dead) consumers", registry=r
+        )
+        self.dead_lettered = Counter(
+            "fundus_worker_dead_lettered_total", "Entries moved to the dead-letter stream", registry=r
+        )
+        self.redis_errors = Counter(
+            "fundus_worker_redis_errors_total", "Failed Redis round trips (connection or timeout)", registry=r
+        )
+        self.busy = Gauge("fundus_worker_busy", "1 while a batch is being run", registry=r)
+        self.up = Gauge("fundus_worker_redis_up", "1 when the last Redis round trip succeeded", registry=r)
+
+    def observe_batch(self, size: int, seconds: float, waits: list[float]) -> None:
+        self.batch_size.observe(size)
+        self.inference_duration.observe(seconds)
+        for wait in waits:
+            self.queue_wait.observe(max(0.0, wait))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> WSGIServer:
+        """Expose ``/metrics`` on ``host:port`` from a daemon thread; ``port`` 0 picks a free port.
+
+        Returns the server: ``server.server_port`` is the bound port, ``server.shutdown()`` stops it.
+        """
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server
