@@ -1,0 +1,81 @@
+"""HTML report of ``fundus eval``: a metrics table and side-by-side image grids (self-contained page)."""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+SYNTHETIC_COLUMNS = ("degraded", "clahe", "model")
+VESSEL_COLUMNS = ("clean", "degraded", "clahe", "enhanced")
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_html(path: Path, report: dict[str, Any]) -> None:
+    """Write the report page for an :func:`training.evaluate.evaluate` result."""
+    s = report["summary"]
+    image_rows = [
+        ["PSNR (dB, in FOV)", *[_fmt(s[f"psnr_{c}"], 2) for c in SYNTHETIC_COLUMNS]],
+        ["SSIM (in FOV)", *[_fmt(s[f"ssim_{c}"]) for c in SYNTHETIC_COLUMNS]],
+    ]
+    vessel_rows = [
+        [
+            key.upper(),
+            *[_fmt(s[f"vessel_{key}_{c}"]) for c in VESSEL_COLUMNS],
+            _fmt(s[f"vessel_{key}_gap_recovered"], 3),
+        ]
+        for key in ("auc", "acc", "iou")
+    ]
+    real_rows = [
+        [key.upper(), _fmt(s[f"real_vessel_{key}_raw"]), _fmt(s[f"real_vessel_{key}_enhanced"])]
+        for key in ("auc", "acc", "iou")
+    ]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>fundus-enhance evaluation</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #999;padding:4px 8px;text-align:right}img{max-width:100%}"
+        "figure{margin:1em 0}</style></head><body>",
+        "<h1>fundus-enhance evaluation</h1>",
+        f"<p>weights <code>{html.escape(str(report['version']))}</code> "
+        f"(preset {html.escape(str(report['preset']))}), "
+        f"working size {report['size']}, degradation mode {html.escape(str(report['degradation_mode']))}, "
+        f"seeds from {report['seed_base']}, device {html.escape(str(report['device']))}.</p>",
+        f"<h2>Synthetic degradations ({s['synthetic_images']} images)</h2>",
+        _table(["metric", "degraded input", "CLAHE (LAB L)", "model"], image_rows),
+        "<h3>Vessel segmentation (the artifact's vessel branch)</h3>",
+        _table(["metric", *VESSEL_COLUMNS, "gap recovered"], vessel_rows),
+        f"<h2>Real images ({s['real_images']} images, no clean reference)</h2>",
+        _table(["metric", "raw", "enhanced"], real_rows),
+        "<h2>Images</h2><p>Synthetic rows: degraded | CLAHE | model | clean. Real rows: raw | enhanced.</p>",
+    ]
+    for row in report["synthetic"] + report["real"]:
+        if row["group"] == "synthetic":
+            caption = (
+                f"{row['image']}: PSNR {_fmt(row['psnr_degraded'], 2)} | {_fmt(row['psnr_clahe'], 2)} | "
+                f"{_fmt(row['psnr_model'], 2)} dB"
+            )
+        else:
+            caption = (
+                f"{row['image']}: vessel AUC raw {_fmt(row['vessel_auc_raw'])}, "
+                f"enhanced {_fmt(row['vessel_auc_enhanced'])}"
+            )
+        parts.append(
+            f"<figure><img src='{html.escape(row['grid'])}' alt=''><figcaption>{html.escape(caption)}"
+            "</figcaption></figure>"
+        )
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts))
