@@ -2,7 +2,9 @@
 
 Conversions on decode: 16-bit samples are rescaled to 8 bits (not truncated), gray is replicated to
 three channels, alpha is composited on black (the fundus background), CMYK and palette images go
-through Pillow's converters, and the EXIF orientation tag is applied so pixels are upright.
+through Pillow's converters, and the EXIF orientation tag is applied so pixels are upright. PNG answers
+are written through OpenCV's libpng with fast compression settings (the encode sits on every request's
+path); the pixels are the same as Pillow would write.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import io
 import struct
 import warnings
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -25,6 +28,13 @@ _DECODE_ERRORS = (
     IndexError,
     EOFError,
 )
+
+
+#: libpng settings for :meth:`PngCodec.encode`: zlib level 1, run-length strategy, "up" row filter
+#: (the filter option exists in recent OpenCV only; older builds use libpng's default filtering).
+_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+if hasattr(cv2, "IMWRITE_PNG_FILTER"):
+    _PNG_PARAMS += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
@@ -123,6 +133,24 @@ class PngCodec(PillowCodec):
 
     def _save_options(self) -> dict[str, object]:
         return {"compress_level": 1}
+
+    def encode(self, pixels: np.ndarray, *, original: DecodedImage | None, context: EncodeContext) -> bytes:
+        """8-bit gray or RGB PNG through OpenCV's libpng: fast zlib settings, same pixels as Pillow.
+
+        The "up" row filter with run-length zlib at level 1 writes a 512² fundus image several times
+        faster than Pillow's adaptive filtering, at about the same size. Other layouts use Pillow.
+        """
+        array = np.ascontiguousarray(pixels, dtype=np.uint8)
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
+        if array.ndim == 3 and array.shape[2] == 3:
+            array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+        elif array.ndim != 2:
+            return super().encode(array, original=original, context=context)
+        ok, encoded = cv2.imencode(".png", array, _PNG_PARAMS)
+        if not ok:
+            return super().encode(pixels, original=original, context=context)
+        return encoded.tobytes()
 
 
 class JpegCodec(PillowCodec):
