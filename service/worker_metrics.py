@@ -12,25 +12,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
-LATENCY_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    20.0,
-    30.0,
-    60.0,
-)
-BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+from service.metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS
 
 # Outcomes of a job taken from the stream (label values of fundus_worker_jobs_total).
 OUTCOMES = ("ok", "expired", "failed", "dead_letter", "malformed")

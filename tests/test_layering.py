@@ -43,5 +43,7 @@ def test_package_does_not_import_forbidden_layers(package: str) -> None:
 
 def test_checker_sees_imports(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
-    sample.write_text("import training.trainer\nfrom redis import asyncio\nimportlib.import_module('service.x')\n")
+    sample.write_text(
+        "import training.trainer\nfrom redis import asyncio\nimportlib.import_module('service.x')\n"
+    )
     assert imported_roots(sample) == {"training", "redis", "service"}
