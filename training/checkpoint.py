@@ -18,6 +18,25 @@ import torch
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+class StatefulParts:
+    """Checkpoint state of a training task made of named parts (modules, optimiser, scheduler, scaler).
+
+    Subclasses list their parts once in :meth:`stateful_parts`; saving and restoring then treat every
+    part alike, so a part added to a task can never be saved but forgotten on resume.
+    """
+
+    def stateful_parts(self) -> dict[str, Any]:
+        """Name → object with ``state_dict()`` / ``load_state_dict()``; names are checkpoint keys."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: part.state_dict() for name, part in self.stateful_parts().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, part in self.stateful_parts().items():
+            part.load_state_dict(state[name])
+
+
 def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
     """Snapshot of the global RNGs and the given generators."""
     state: dict[str, Any] = {

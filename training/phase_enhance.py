@@ -30,6 +30,7 @@ from model.degradation import degrade
 from model.device import autocast
 from model.magenet import MageNet
 from model.presets import get_preset
+from training.checkpoint import StatefulParts
 from training.config import TrainConfig
 from training.datasets import WorkingDataset, crop_batch, derive_seed, to_float
 from training.ema import effective_decay, ema_update, make_teacher
@@ -70,7 +71,7 @@ def rampup_length(config: TrainConfig) -> int:
     return int(0.2 * config.enhance.steps) if steps < 0 else steps
 
 
-class EnhanceTask:
+class EnhanceTask(StatefulParts):
     """Student, teacher, optimiser and the per-step computation of phase 2."""
 
     def __init__(self, session: Session) -> None:
@@ -276,21 +277,14 @@ class EnhanceTask:
         return {f"val/{k}": float(np.mean(v)) for k, v in rows.items()}
 
     # ---------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
+    def stateful_parts(self) -> dict[str, Any]:
         return {
-            "student": self.student.state_dict(),
-            "teacher": self.teacher.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "student": self.student,
+            "teacher": self.teacher,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
         }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.student.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
 
 
 def train_enhance(

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from model.device import autocast
 from model.presets import get_preset
 from model.vessels import VesselNet
+from training.checkpoint import StatefulParts
 from training.config import TrainConfig
 from training.datasets import WorkingDataset, to_float
 from training.loop import LoopOptions, optimizer_step, resume_state, run_loop
@@ -38,7 +39,7 @@ def make_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=fp16)
 
 
-class RspTask:
+class RspTask(StatefulParts):
     """Vessel-branch pretraining state and step."""
 
     def __init__(self, session: Session) -> None:
@@ -109,19 +110,13 @@ class RspTask:
         self.net.train(was_training)
         return {f"val/{k}": sum(v) / len(v) for k, v in scores.items()}
 
-    def state_dict(self) -> dict[str, Any]:
+    def stateful_parts(self) -> dict[str, Any]:
         return {
-            "model": self.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "model": self.net,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
         }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
 
 
 def train_rsp(
