@@ -39,6 +39,27 @@ def endpoint_label(path: str) -> str:
     return path if path in ENDPOINTS else "other"
 
 
+def batch_histograms(registry: CollectorRegistry) -> tuple[Histogram, Histogram, Histogram]:
+    """Queue wait, batch size and batch model time: the same series in the API and in Redis workers,
+    so one dashboard panel covers the embedded and the Redis deployment."""
+    queue_wait = Histogram(
+        "fundus_queue_wait_seconds",
+        "Time a job waited between enqueue and its batch start",
+        buckets=LATENCY_BUCKETS,
+        registry=registry,
+    )
+    batch_size = Histogram(
+        "fundus_batch_size", "Jobs per model pass", buckets=BATCH_SIZE_BUCKETS, registry=registry
+    )
+    inference_duration = Histogram(
+        "fundus_inference_duration_seconds",
+        "Model time of one batch (one observation per batch)",
+        buckets=LATENCY_BUCKETS,
+        registry=registry,
+    )
+    return queue_wait, batch_size, inference_duration
+
+
 class Metrics:
     """The service's collectors, registered in a private registry."""
 
@@ -58,21 +79,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_wait = Histogram(
-            "fundus_queue_wait_seconds",
-            "Time a job waited between enqueue and its batch start",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "fundus_batch_size", "Jobs per model pass", buckets=BATCH_SIZE_BUCKETS, registry=r
-        )
-        self.inference_duration = Histogram(
-            "fundus_inference_duration_seconds",
-            "Model time of one batch (one observation per batch)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.queue_wait, self.batch_size, self.inference_duration = batch_histograms(r)
         self.queue_depth = Gauge("fundus_queue_depth", "Jobs waiting for the model", registry=r)
         self.rejected = Counter(
             "fundus_rejected_total", "Requests refused, by reason (error code)", ["reason"], registry=r

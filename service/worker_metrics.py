@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
 
-from service.metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS
+from service.metrics import batch_histograms
 
 # Outcomes of a job taken from the stream (label values of fundus_worker_jobs_total).
 OUTCOMES = ("ok", "expired", "failed", "dead_letter", "malformed")
@@ -24,21 +24,7 @@ class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.batch_size = Histogram(
-            "fundus_batch_size", "Jobs per model pass", buckets=BATCH_SIZE_BUCKETS, registry=r
-        )
-        self.inference_duration = Histogram(
-            "fundus_inference_duration_seconds",
-            "Model time of one batch (one observation per batch)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue_wait = Histogram(
-            "fundus_queue_wait_seconds",
-            "Enqueue (API clock) to batch start (worker clock)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.queue_wait, self.batch_size, self.inference_duration = batch_histograms(r)
         self.jobs = Counter(
             "fundus_worker_jobs_total",
             "Jobs taken from the request stream, by outcome",
