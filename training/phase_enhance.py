@@ -35,15 +35,15 @@ from training.config import TrainConfig
 from training.datasets import WorkingDataset, crop_batch, derive_seed, to_float
 from training.ema import effective_decay, ema_update, make_teacher
 from training.evaluate import degrade_fixed
-from training.loop import LoopOptions, optimizer_step, resume_state, run_loop
+from training.loop import optimizer_step
 from training.losses import RestorationLoss, consistency_mse, multiscale_segmentation
 from training.metrics import psnr, ssim
 from training.phase_pseudo import pseudo_dir_path, rsp_weights_path
 from training.phase_rsp import make_scaler
 from training.prepare import WorkingCache, pseudo_mask_path
-from training.runtime import RunLogger, hardware_summary, shutdown_distributed
+from training.runtime import hardware_summary, shutdown_distributed
 from training.schedules import consistency_weight, lr_factor
-from training.session import Session, make_batches, open_session, prepare_cache
+from training.session import Session, make_batches, open_session, prepare_cache, run_session_loop
 from training.vessel_weights import load_vessels
 
 log = logging.getLogger("training")
@@ -299,37 +299,17 @@ def train_enhance(
     session = open_session(config, PHASE, resume=resume, run_dir=run_dir)
     try:
         task = EnhanceTask(session)
-        start, elapsed = resume_state(task, session.resume, session.env) if session.resume else (0, 0.0)
         resumes = int(session.resume.get("resumes", 0)) + 1 if session.resume else 0
-        logger = RunLogger(
-            session.run_dir,
-            COLUMNS,
-            enabled=session.env.is_main,
-            tensorboard=config.logging.tensorboard,
-            resume_step=start if session.resume else None,
-        )
-        options = LoopOptions(
-            total_steps=config.enhance.steps,
-            log_every=config.logging.log_every,
-            val_every=config.logging.val_every,
-            checkpoint_every=config.logging.checkpoint_every,
-            max_minutes=max_minutes,
-            stop_at=stop_at,
-            progress=config.logging.progress,
-        )
-        result = run_loop(
+        result = run_session_loop(
+            session,
             task,
             task.batches,
-            run_dir=session.run_dir,
-            env=session.env,
-            device=session.device,
-            logger=logger,
-            options=options,
-            start_step=start,
-            elapsed_before=elapsed,
+            COLUMNS,
+            total_steps=config.enhance.steps,
+            max_minutes=max_minutes,
+            stop_at=stop_at,
             extra_state=lambda: {"phase": PHASE, "config": config.to_dict(), "resumes": resumes},
         )
-        logger.close()
         summary: dict[str, Any] = {
             "phase": PHASE,
             "steps": result.step,

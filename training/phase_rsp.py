@@ -19,13 +19,13 @@ from model.vessels import VesselNet
 from training.checkpoint import StatefulParts
 from training.config import TrainConfig
 from training.datasets import WorkingDataset, to_float
-from training.loop import LoopOptions, optimizer_step, resume_state, run_loop
+from training.loop import optimizer_step
 from training.losses import multiscale_segmentation
 from training.metrics import vessel_metrics
 from training.prepare import WorkingCache
-from training.runtime import RunLogger, hardware_summary, shutdown_distributed
+from training.runtime import hardware_summary, shutdown_distributed
 from training.schedules import lr_factor
-from training.session import Session, make_batches, open_session, prepare_cache
+from training.session import Session, make_batches, open_session, prepare_cache, run_session_loop
 from training.vessel_weights import save_vessels
 
 log = logging.getLogger("training")
@@ -131,38 +131,18 @@ def train_rsp(
     session = open_session(config, PHASE, resume=resume, run_dir=run_dir)
     try:
         task = RspTask(session)
-        start, elapsed = resume_state(task, session.resume, session.env) if session.resume else (0, 0.0)
-        logger = RunLogger(
-            session.run_dir,
-            COLUMNS,
-            enabled=session.env.is_main,
-            tensorboard=config.logging.tensorboard,
-            resume_step=start if session.resume else None,
-        )
-        options = LoopOptions(
-            total_steps=config.rsp.steps,
-            log_every=config.logging.log_every,
-            val_every=config.logging.val_every,
-            checkpoint_every=config.logging.checkpoint_every,
-            max_minutes=max_minutes,
-            stop_at=stop_at,
-            progress=config.logging.progress,
-        )
-        result = run_loop(
+        result = run_session_loop(
+            session,
             task,
             lambda s: make_batches(
                 task.dataset, config.rsp.batch_size, config.run.seed, config.rsp.steps, s, session
             ),
-            run_dir=session.run_dir,
-            env=session.env,
-            device=session.device,
-            logger=logger,
-            options=options,
-            start_step=start,
-            elapsed_before=elapsed,
+            COLUMNS,
+            total_steps=config.rsp.steps,
+            max_minutes=max_minutes,
+            stop_at=stop_at,
             extra_state=lambda: {"phase": PHASE, "config": config.to_dict()},
         )
-        logger.close()
         summary: dict[str, Any] = {
             "phase": PHASE,
             "steps": result.step,

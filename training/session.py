@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from training.config import TrainConfig, dump_config
 from training.datasets import StepBatchSampler
-from training.runtime import DistEnv, barrier, init_distributed
+from training.loop import LoopOptions, LoopResult, TrainTask, resume_state, run_loop
+from training.runtime import DistEnv, RunLogger, barrier, init_distributed
 from training.sources import Split, build_split
 
 log = logging.getLogger("training")
@@ -126,3 +128,54 @@ def prepare_cache(records: list[Any], cache: Any, session: Session) -> None:
         for record in records:
             cache.ensure(record)
     barrier(session.env)
+
+
+def run_session_loop(
+    session: Session,
+    task: TrainTask,
+    batches: Callable[[int], Iterable[Any]],
+    columns: list[str],
+    *,
+    total_steps: int,
+    max_minutes: float,
+    stop_at: int,
+    extra_state: Callable[[], dict[str, Any]],
+) -> LoopResult:
+    """Resume ``task`` if the session holds a checkpoint, then run the loop with the run's logger.
+
+    The part every phase shares: restore state, open the CSV/TensorBoard log at the resumed step,
+    build the loop options from ``config.logging`` and the phase's step budget, run, close the log.
+    """
+    config = session.config
+    start, elapsed = resume_state(task, session.resume, session.env) if session.resume else (0, 0.0)
+    logger = RunLogger(
+        session.run_dir,
+        columns,
+        enabled=session.env.is_main,
+        tensorboard=config.logging.tensorboard,
+        resume_step=start if session.resume else None,
+    )
+    options = LoopOptions(
+        total_steps=total_steps,
+        log_every=config.logging.log_every,
+        val_every=config.logging.val_every,
+        checkpoint_every=config.logging.checkpoint_every,
+        max_minutes=max_minutes,
+        stop_at=stop_at,
+        progress=config.logging.progress,
+    )
+    try:
+        return run_loop(
+            task,
+            batches,
+            run_dir=session.run_dir,
+            env=session.env,
+            device=session.device,
+            logger=logger,
+            options=options,
+            start_step=start,
+            elapsed_before=elapsed,
+            extra_state=extra_state,
+        )
+    finally:
+        logger.close()
