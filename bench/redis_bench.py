@@ -41,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from model.artifact import load_artifact, save_artifact  # noqa: E402
+from model.device import reuse_freed_memory  # noqa: E402
 from model.magenet import MageNet  # noqa: E402
 from model.presets import get_preset  # noqa: E402
 from service.queue.base import Job, JobResult, Task  # noqa: E402
@@ -119,7 +120,9 @@ async def sweep(call: Call, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def build_runner(weights: Path, size: int, threads: int) -> ModelRunner:
+    """A CPU runner set up like a service process (threads, heap reuse), at any working size."""
     torch.set_num_threads(threads)
+    reuse_freed_memory()
     artifact = load_artifact(weights, "cpu")
     return ModelRunner(artifact.model, torch.device("cpu"), size)
 

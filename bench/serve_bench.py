@@ -40,12 +40,13 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from model.artifact import load_artifact, save_artifact  # noqa: E402
+from model.artifact import save_artifact  # noqa: E402
 from model.magenet import MageNet  # noqa: E402
 from model.presets import get_preset  # noqa: E402
 from service.codecs import default_registry  # noqa: E402
 from service.imaging import decode_upload, prepare  # noqa: E402
-from service.runner import ModelRunner  # noqa: E402
+from service.runner import load_runner, prepare_model_process  # noqa: E402
+from service.settings import Settings  # noqa: E402
 from service.upload import Upload  # noqa: E402
 
 _INFERENCE = re.compile(r"inference;dur=([0-9.]+)")
@@ -88,14 +89,12 @@ def make_weights(args: argparse.Namespace, folder: Path) -> Path:
 
 def bench_bare(weights: Path, image: bytes, args: argparse.Namespace) -> dict[str, Any]:
     """Batched model loop on working-size tensors made by the service's own preprocessing."""
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    device = torch.device(args.device)
-    artifact = load_artifact(weights, device)
-    size = artifact.config.working_size
+    settings = Settings(weights=weights, device=args.device, torch_threads=args.torch_threads)
+    prepare_model_process(settings)  # as `fundus serve` does
+    runner, artifact = load_runner(settings)
+    device, size = runner.device, runner.working_size
     decoded = decode_upload(default_registry(), Upload(image, "image/png"), max_pixels=10**8, min_side=1)
     working = prepare(decoded, size).model_input()
-    runner = ModelRunner(artifact.model, device, size)
     runner.warm_up((1, args.max_batch_size))
     batch = np.stack([working] * args.max_batch_size)
     total = 0

@@ -23,14 +23,14 @@ from fastapi import FastAPI
 from safetensors import safe_open
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model.artifact import ArtifactError, load_artifact, read_metadata
+from model.artifact import ArtifactError, read_metadata
 from service.codecs import default_registry
 from service.errors import error_body, install_error_handlers, retry_after_header
 from service.logging import configure_logging, reset_request_id, set_request_id
 from service.metrics import Metrics, endpoint_label
 from service.queue.factory import build_queue
 from service.routes import images, ops
-from service.runner import ModelRunner
+from service.runner import load_runner
 from service.settings import Settings, load_settings
 from service.state import ModelInfo, ServiceState
 
@@ -170,22 +170,15 @@ async def _start(state: ServiceState) -> None:
             raise StartupError(f"cannot serve weights {settings.weights}: {exc}") from exc
         runner = None
     else:
-        import torch
-
-        from model.device import select_device
-
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-
-        try:
-            device = select_device(settings.device)
-        except (RuntimeError, ValueError) as exc:
-            raise StartupError(f"FUNDUS_DEVICE: {exc}") from exc
         state.not_ready_reason = "loading weights"
         try:
-            artifact = await state.cpu(load_artifact, Path(settings.weights), device)
+            runner, artifact = await state.cpu(
+                load_runner, settings, on_batch=state.metrics.observe_batch
+            )
         except ArtifactError as exc:
             raise StartupError(f"cannot load weights {settings.weights}: {exc}") from exc
+        except (RuntimeError, ValueError) as exc:
+            raise StartupError(f"FUNDUS_DEVICE: {exc}") from exc
         working_size = int(artifact.config.working_size)
         state.info = ModelInfo(
             preset=artifact.preset,
@@ -193,12 +186,11 @@ async def _start(state: ServiceState) -> None:
             sha256=artifact.sha256,
             parameter_count=artifact.parameter_count,
             working_size=working_size,
-            device=str(device),
+            device=str(runner.device),
             created=artifact.created,
             training=artifact.training,
             metrics=artifact.metrics,
         )
-        runner = ModelRunner(artifact.model, device, working_size, on_batch=state.metrics.observe_batch)
         state.runner = runner
         if settings.warmup:
             state.not_ready_reason = "warming up"

@@ -3,12 +3,14 @@
 ``ModelRunner.run_jobs`` takes jobs of any endpoint, stacks their uint8 [3, S, S] inputs into one
 [B, 3, S, S] batch, runs one model pass that yields what the batch needs (enhanced image and/or vessel
 probability) and splits the answer into one :class:`JobResult` per job. On CUDA out-of-memory the
-batch is halved and retried, down to single images, before giving up.
+batch is halved and retried, down to single images, before giving up. The model and its inputs use
+the device's inference memory layout (``channels_last`` on the CPU).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,9 +18,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.device import autocast
+from model.artifact import Artifact, load_artifact
+from model.device import (
+    GLIBC_HEAP_TUNABLES,
+    autocast,
+    inference_memory_format,
+    reuse_freed_memory,
+    select_device,
+)
 from model.magenet import MageNet
 from service.queue.base import Job, JobResult, Task
+from service.settings import Settings
 
 log = logging.getLogger("fundus.runner")
 
@@ -38,15 +48,17 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _to_uint8(values: torch.Tensor) -> np.ndarray:
-    """[0, 1] float tensor → rounded uint8 numpy array on the CPU."""
-    return values.float().clamp_(0.0, 1.0).mul_(255.0).add_(0.5).to(torch.uint8).cpu().numpy()
+    """[0, 1] float tensor (any layout) → rounded, C-contiguous uint8 numpy array on the CPU."""
+    scaled = values.float().clamp_(0.0, 1.0).mul_(255.0).add_(0.5).to(torch.uint8)
+    return scaled.cpu().contiguous().numpy()
 
 
 class ModelRunner:
     """Runs uint8 batches through a loaded MAGE-Net on one device.
 
     Args:
-        model: the network, in eval mode, already on ``device``.
+        model: the network, in eval mode, already on ``device``; the runner converts it to the
+            device's inference memory layout.
         device: where the model lives.
         working_size: S, the square input size every job must have.
         on_batch: called with (batch size, seconds) once per executed model pass (metrics).
@@ -60,7 +72,8 @@ class ModelRunner:
         *,
         on_batch: BatchObserver | None = None,
     ) -> None:
-        self.model = model
+        self.memory_format = inference_memory_format(device)
+        self.model = model.to(memory_format=self.memory_format)
         self.device = device
         self.working_size = working_size
         self.on_batch = on_batch
@@ -89,6 +102,7 @@ class ModelRunner:
     def _forward(self, pixels: np.ndarray, *, need_image: bool, need_vessels: bool) -> BatchOutput:
         with torch.inference_mode():
             batch = torch.from_numpy(pixels).to(self.device, non_blocking=True).float().div_(255.0)
+            batch = batch.contiguous(memory_format=self.memory_format)
             with autocast(self.device):
                 image, vessels = self.model.infer(batch, need_image=need_image, need_vessels=need_vessels)
             return BatchOutput(
@@ -137,3 +151,32 @@ class ModelRunner:
         for count in batch_sizes:
             self.infer(np.zeros((count, 3, size, size), dtype=np.uint8), need_image=True, need_vessels=True)
         return time.perf_counter() - clock
+
+
+def prepare_model_process(settings: Settings) -> None:
+    """Process-wide set-up for a process that runs the model; call first, before any thread starts.
+
+    With ``FUNDUS_REUSE_FREED_MEMORY`` (default) the heap keeps freed activations for the next batch
+    (:func:`model.device.reuse_freed_memory`), and processes started from this one (uvicorn workers)
+    get the same through ``GLIBC_TUNABLES`` unless it already sets malloc tunables.
+    """
+    if not settings.reuse_freed_memory:
+        return
+    reuse_freed_memory()
+    inherited = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc." not in inherited:
+        os.environ["GLIBC_TUNABLES"] = ":".join(part for part in (inherited, GLIBC_HEAP_TUNABLES) if part)
+
+
+def load_runner(settings: Settings, *, on_batch: BatchObserver | None = None) -> tuple[ModelRunner, Artifact]:
+    """Load ``settings.weights`` into a runner on ``FUNDUS_DEVICE`` with ``FUNDUS_TORCH_THREADS``.
+
+    Raises ``ValueError``/``RuntimeError`` for a bad device and
+    :class:`model.artifact.ArtifactError` for missing or corrupt weights. No warm-up.
+    """
+    device = select_device(settings.device)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    artifact = load_artifact(settings.weights, device)
+    runner = ModelRunner(artifact.model, device, int(artifact.config.working_size), on_batch=on_batch)
+    return runner, artifact

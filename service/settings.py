@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default=0, ge=0, description="intra-op threads for the model; 0 = torch default"
     )
+    reuse_freed_memory: bool = Field(
+        default=True,
+        description="CPU: keep freed activations in the heap (no page faults per batch; peak stays resident)",
+    )
     warmup: bool = Field(default=True, description="run one model pass before reporting ready")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
 

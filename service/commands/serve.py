@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from model.artifact import ArtifactError, read_metadata
     from service.logging import configure_logging
+    from service.runner import prepare_model_process
     from service.settings import load_settings
 
     overrides = {
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     except ArtifactError as exc:
         print(f"error: cannot serve: {exc} (set FUNDUS_WEIGHTS or --weights)", file=sys.stderr)  # noqa: T201
         return 2
+    prepare_model_process(settings)
     configure_logging(settings.log_level)
     uvicorn.run(
         "service.app:create_app",

@@ -76,22 +76,15 @@ def build_worker(
 
     ``wrap`` decorates the batch function (used by tests to inject slowness or crashes).
     """
-    from model.artifact import load_artifact
-    from model.device import select_device
-    from service.runner import ModelRunner
+    from service.runner import load_runner
     from service.worker import worker_from_settings
 
-    device = select_device(settings.device)
-    if settings.torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
-    artifact = load_artifact(settings.weights, device)
-    runner = ModelRunner(artifact.model, device, int(artifact.config.working_size))
+    runner, artifact = load_runner(settings)
     if settings.warmup:
         runner.warm_up((1,))
     run_batch = runner.run_jobs if wrap is None else wrap(runner.run_jobs)
-    return worker_from_settings(settings, run_batch, device=str(device), model_version=artifact.version)
+    device = str(runner.device)
+    return worker_from_settings(settings, run_batch, device=device, model_version=artifact.version)
 
 
 def serve(settings: Any, *, wrap: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None) -> int:
@@ -128,4 +121,7 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"error: invalid settings: {exc}", file=sys.stderr)  # noqa: T201
         return 2
+    from service.runner import prepare_model_process
+
+    prepare_model_process(settings)
     return serve(settings)

@@ -1,7 +1,9 @@
-"""The batch runner: one shared pass for mixed tasks, results split per job, OOM splitting."""
+"""The batch runner: one shared pass for mixed tasks, results split per job, OOM splitting, CPU layout
+and the heap set-up of model processes."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -9,9 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+import service.runner as runner_module
 from model.artifact import load_artifact
+from model.device import GLIBC_HEAP_TUNABLES
 from service.queue.base import Job, Task
-from service.runner import ModelRunner
+from service.runner import ModelRunner, prepare_model_process
+from service.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +71,44 @@ def test_out_of_memory_halves_the_batch(runner: ModelRunner, monkeypatch: pytest
     results = runner.run_jobs(_jobs(runner.working_size, [Task.ENHANCE] * 5))
     assert len(results) == 5 and all(r.image is not None for r in results)
     assert sizes[0] == 5 and sum(s for s in sizes if s <= 2) == 5  # every image ran once, in halves
+
+
+def test_cpu_runner_runs_channels_last_and_matches_the_default_layout(
+    runner: ModelRunner, tiny_artifact: Path
+) -> None:
+    assert runner.memory_format is torch.channels_last
+    conv_weight = next(p for p in runner.model.parameters() if p.ndim == 4 and p.shape[1] > 1)
+    assert conv_weight.is_contiguous(memory_format=torch.channels_last)
+    size = runner.working_size
+    pixels = np.random.default_rng(2).integers(0, 256, (2, 3, size, size), dtype=np.uint8)
+    output = runner.infer(pixels, need_image=True, need_vessels=True)
+    assert output.images is not None and output.vessels is not None
+    assert output.images.flags.c_contiguous and output.vessels.flags.c_contiguous
+
+    reference = load_artifact(tiny_artifact, "cpu").model  # default (NCHW) layout
+    image, vessels = reference.infer(
+        torch.from_numpy(pixels).float() / 255.0, need_image=True, need_vessels=True
+    )
+    assert image is not None and vessels is not None
+    expected_image = (image * 255.0 + 0.5).to(torch.uint8).numpy()
+    expected_vessels = (vessels[:, 0] * 255.0 + 0.5).to(torch.uint8).numpy()
+    assert np.abs(output.images.astype(int) - expected_image.astype(int)).max() <= 1
+    assert np.abs(output.vessels.astype(int) - expected_vessels.astype(int)).max() <= 1
+
+
+def test_model_process_setup_reuses_the_heap_and_passes_it_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    applied: list[bool] = []
+    monkeypatch.setattr(runner_module, "reuse_freed_memory", lambda: applied.append(True) or True)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
+    prepare_model_process(Settings(reuse_freed_memory=True))
+    assert applied == [True]
+    assert os.environ["GLIBC_TUNABLES"] == f"glibc.pthread.rseq=0:{GLIBC_HEAP_TUNABLES}"
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")  # the operator's own choice stays
+    prepare_model_process(Settings(reuse_freed_memory=True))
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4"
+
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    applied.clear()
+    prepare_model_process(Settings(reuse_freed_memory=False))
+    assert applied == [] and "GLIBC_TUNABLES" not in os.environ
