@@ -65,11 +65,14 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """Hash names, dtypes, shapes and raw bytes of ``tensors`` in name order."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
+        tensor = tensors[name].detach().cpu()
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # Flattened: a channels_last weight such as [C, C, 1, 1] counts as contiguous but keeps a
+        # last-dimension stride other than 1, which a dtype view refuses.
+        flat = tensor.contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
@@ -82,7 +85,8 @@ def save_artifact(
     metrics: dict[str, Any] | None = None,
 ) -> str:
     """Write ``model`` (its ``config`` attribute and state dict) to ``path``; returns the tensor hash."""
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in state.items()}
     sha = tensors_sha256(tensors)
     metadata = {
         "format": FORMAT_NAME,

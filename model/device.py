@@ -36,13 +36,13 @@ def autocast(device: torch.device, enabled: bool = True) -> Iterator[None]:
         yield
 
 
-def inference_memory_format(device: torch.device) -> torch.memory_format:
-    """The activation layout inference should use on ``device``.
+def conv_memory_format(device: torch.device) -> torch.memory_format:
+    """The memory layout the networks' weights and activations should use on ``device``.
 
     On the CPU, oneDNN runs this network's many small-channel, full-resolution convolutions in
     NHWC without reordering each input to its blocked layout and back: ``channels_last`` halves
-    the lite preset's 512² forward time on two cores. CUDA keeps the default layout, which is the
-    one that has been measured there.
+    the lite preset's 512² forward time on two cores and takes about a sixth off a training step.
+    CUDA keeps the default layout, which is the one that has been measured there.
     """
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 

@@ -22,7 +22,7 @@ from model.artifact import Artifact, load_artifact
 from model.device import (
     GLIBC_HEAP_TUNABLES,
     autocast,
-    inference_memory_format,
+    conv_memory_format,
     reuse_freed_memory,
     select_device,
 )
@@ -72,7 +72,7 @@ class ModelRunner:
         *,
         on_batch: BatchObserver | None = None,
     ) -> None:
-        self.memory_format = inference_memory_format(device)
+        self.memory_format = conv_memory_format(device)
         self.model = model.to(memory_format=self.memory_format)
         self.device = device
         self.working_size = working_size

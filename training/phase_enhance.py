@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model.artifact import save_artifact
 from model.degradation import degrade
-from model.device import autocast
+from model.device import autocast, conv_memory_format
 from model.magenet import MageNet
 from model.presets import get_preset
 from training.checkpoint import StatefulParts
@@ -88,7 +88,7 @@ class EnhanceTask(StatefulParts):
         if loss.use_rsp:
             path = rsp_weights_path(cfg, e.rsp_checkpoint)
             self.rsp_info = {"weights": str(path), **load_vessels(path, self.student.vessels, preset.vessels)}
-        self.student.to(self.device)
+        self.student.to(self.device, memory_format=conv_memory_format(self.device))
         self.teacher = make_teacher(self.student)
         self.model: torch.nn.Module = self.student
         if session.env.distributed:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from model.device import autocast
+from model.device import autocast, conv_memory_format
 from model.presets import get_preset
 from model.vessels import VesselNet
 from training.checkpoint import StatefulParts
@@ -49,7 +49,9 @@ class RspTask(StatefulParts):
         self.amp = cfg.run.amp
         self.vessel_config = get_preset(cfg.model.preset).vessels
         torch.manual_seed(cfg.run.seed)
-        self.net = VesselNet(self.vessel_config).to(self.device)
+        self.net = VesselNet(self.vessel_config).to(
+            self.device, memory_format=conv_memory_format(self.device)
+        )
         self.model: torch.nn.Module = (
             DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from model.device import reuse_freed_memory
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from training.config import TrainConfig, dump_config
 from training.datasets import StepBatchSampler
@@ -58,6 +59,8 @@ def open_session(
     if config.run.threads > 0:
         torch.set_num_threads(config.run.threads)
     env, device = init_distributed(config.run.device)
+    if device.type == "cpu":
+        reuse_freed_memory()  # activations reuse the heap instead of page-faulting in every step
     folder = Path(resume) if resume else Path(run_dir) if run_dir else config.phase_dir(phase)
     payload = None
     if resume:

@@ -63,6 +63,16 @@ def test_hash_covers_names_and_values(saved: tuple[Path, MageNet]) -> None:
     assert tensors_sha256(renamed) != reference
 
 
+def test_channels_last_network_saves_the_same_artifact(saved: tuple[Path, MageNet], tmp_path: Path) -> None:
+    path, network = saved
+    network.to(memory_format=torch.channels_last)  # as CPU training and serving hold it
+    again = tmp_path / "channels-last.safetensors"
+    assert save_artifact(again, network, preset="tiny") == read_metadata(path)["tensors_sha256"]
+    reloaded = load_artifact(again).model.state_dict()
+    for name, tensor in network.state_dict().items():
+        assert torch.equal(reloaded[name], tensor)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="not found"):
         load_artifact(tmp_path / "absent.safetensors")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.device import GLIBC_HEAP_TUNABLES, inference_memory_format, select_device
+from model.device import GLIBC_HEAP_TUNABLES, conv_memory_format, select_device
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
@@ -57,8 +57,8 @@ def test_select_device() -> None:
 
 
 def test_cpu_inference_uses_channels_last() -> None:
-    assert inference_memory_format(torch.device("cpu")) is torch.channels_last
-    assert inference_memory_format(torch.device("cuda")) is torch.contiguous_format
+    assert conv_memory_format(torch.device("cpu")) is torch.channels_last
+    assert conv_memory_format(torch.device("cuda")) is torch.contiguous_format
 
 
 def _churn_faults(mode: str) -> tuple[int, int]:
