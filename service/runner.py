@@ -4,7 +4,8 @@
 [B, 3, S, S] batch, runs one model pass that yields what the batch needs (enhanced image and/or vessel
 probability) and splits the answer into one :class:`JobResult` per job. On CUDA out-of-memory the
 batch is halved and retried, down to single images, before giving up. The model and its inputs use
-the device's inference memory layout (``channels_last`` on the CPU).
+the device's convolution memory layout (``channels_last`` on the CPU, see
+:func:`model.device.conv_memory_format`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class ModelRunner:
 
     Args:
         model: the network, in eval mode, already on ``device``; the runner converts it to the
-            device's inference memory layout.
+            device's convolution memory layout.
         device: where the model lives.
         working_size: S, the square input size every job must have.
         on_batch: called with (batch size, seconds) once per executed model pass (metrics).
