@@ -30,7 +30,7 @@ from service.logging import configure_logging, reset_request_id, set_request_id
 from service.metrics import Metrics, endpoint_label
 from service.queue.factory import build_queue
 from service.routes import images, ops
-from service.runner import load_runner
+from service.runner import DeviceSettingError, load_runner
 from service.settings import Settings, load_settings
 from service.state import ModelInfo, ServiceState
 
@@ -177,7 +177,7 @@ async def _start(state: ServiceState) -> None:
             )
         except ArtifactError as exc:
             raise StartupError(f"cannot load weights {settings.weights}: {exc}") from exc
-        except (RuntimeError, ValueError) as exc:
+        except DeviceSettingError as exc:
             raise StartupError(f"FUNDUS_DEVICE: {exc}") from exc
         working_size = int(artifact.config.working_size)
         state.info = ModelInfo(

@@ -154,6 +154,10 @@ class ModelRunner:
         return time.perf_counter() - clock
 
 
+class DeviceSettingError(ValueError):
+    """``FUNDUS_DEVICE`` names a device this machine does not have (or no device at all)."""
+
+
 def prepare_model_process(settings: Settings) -> None:
     """Process-wide set-up for a process that runs the model; call first, before any thread starts.
 
@@ -172,10 +176,13 @@ def prepare_model_process(settings: Settings) -> None:
 def load_runner(settings: Settings, *, on_batch: BatchObserver | None = None) -> tuple[ModelRunner, Artifact]:
     """Load ``settings.weights`` into a runner on ``FUNDUS_DEVICE`` with ``FUNDUS_TORCH_THREADS``.
 
-    Raises ``ValueError``/``RuntimeError`` for a bad device and
+    Raises :class:`DeviceSettingError` for a bad device and
     :class:`model.artifact.ArtifactError` for missing or corrupt weights. No warm-up.
     """
-    device = select_device(settings.device)
+    try:
+        device = select_device(settings.device)
+    except (RuntimeError, ValueError) as exc:
+        raise DeviceSettingError(str(exc)) from exc
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     artifact = load_artifact(settings.weights, device)

@@ -81,6 +81,12 @@ def test_missing_weights_fail_start_up_clearly(
         pass
 
 
+def test_unknown_device_fails_start_up_naming_the_setting(make_settings: Callable[..., Settings]) -> None:
+    app = create_app(make_settings(device="tpu"))
+    with pytest.raises(StartupError, match="FUNDUS_DEVICE: unknown device 'tpu'"), TestClient(app):
+        pass
+
+
 def test_corrupt_weights_fail_start_up_clearly(
     make_settings: Callable[..., Settings], tiny_artifact: Path, tmp_path: Path
 ) -> None:
