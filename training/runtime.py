@@ -43,14 +43,27 @@ def init_distributed(device_preference: str) -> tuple[DistEnv, torch.device]:
     """Read the torchrun environment, initialise the process group, pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     env = DistEnv(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    device = select_device(device_preference)
-    if device.type == "cuda" and env.distributed:
-        device = torch.device("cuda", env.local_rank)
+    device = training_device(device_preference, env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if env.distributed and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return env, device
+
+
+def training_device(preference: str, env: DistEnv) -> torch.device:
+    """The device this rank trains on, always with an index on CUDA.
+
+    ``auto`` and ``cuda`` resolve to ``cuda:LOCAL_RANK`` (``cuda:0`` in a single process), because
+    ``torch.cuda.set_device`` and DDP's ``device_ids`` need an index; an explicit ``cuda:N`` is kept
+    in a single process and replaced by the local rank's GPU under torchrun.
+    """
+    device = select_device(preference)
+    if device.type != "cuda":
+        return device
+    if env.distributed or device.index is None:
+        return torch.device("cuda", env.local_rank)
+    return device
 
 
 def shutdown_distributed() -> None:
