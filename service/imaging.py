@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from model.fov import FovNotFound, SquareCrop, detect_fov, from_working, plan_crop, to_working
+from model.fov import FovNotFound, SquareCrop, detect_fov
+from model.restore import MappingMethod, WorkingView, enhanced_to_input, vessels_to_input, working_view
 from service.codecs import CodecRegistry, DecodedImage, ImageTooLarge, UndecodableImage
 from service.errors import ApiError
 from service.upload import Upload
@@ -27,17 +28,23 @@ class Prepared:
 
     Attributes:
         decoded: the decoded upload (pixels [H, W, 3] uint8 RGB).
-        crop: the square FOV crop that maps the image to the working size and back.
-        working: uint8 [S, S, 3] model input.
+        view: the FOV crop and the uint8 [S, S, 3] model input.
     """
 
     decoded: DecodedImage
-    crop: SquareCrop
-    working: np.ndarray
+    view: WorkingView
+
+    @property
+    def crop(self) -> SquareCrop:
+        return self.view.crop
+
+    @property
+    def working(self) -> np.ndarray:
+        return self.view.working
 
     def model_input(self) -> np.ndarray:
         """uint8 [3, S, S], the layout a queue job carries."""
-        return np.ascontiguousarray(self.working.transpose(2, 0, 1))
+        return self.view.model_input()
 
 
 def decode_upload(registry: CodecRegistry, upload: Upload, *, max_pixels: int, min_side: int) -> DecodedImage:
@@ -79,26 +86,21 @@ def decode_upload(registry: CodecRegistry, upload: Upload, *, max_pixels: int, m
 
 def prepare(decoded: DecodedImage, working_size: int) -> Prepared:
     """Find the field of view and cut the square working-size crop; 422 when there is no fundus."""
-    pixels = decoded.pixels
     try:
-        circle = detect_fov(pixels)
+        view = working_view(decoded.pixels, working_size)
     except FovNotFound as exc:
         raise ApiError(422, "no_fundus", f"no fundus field of view found in the image: {exc}") from None
-    crop = plan_crop(circle, pixels.shape[0], pixels.shape[1], working_size)
-    working = np.ascontiguousarray(to_working(pixels, crop), dtype=np.uint8)
-    return Prepared(decoded=decoded, crop=crop, working=working)
+    return Prepared(decoded=decoded, view=view)
 
 
 def restore_enhanced(
-    prepared: Prepared, result: np.ndarray, *, output_size: OutputSize, method: Literal["transfer", "resize"]
+    prepared: Prepared, result: np.ndarray, *, output_size: OutputSize, method: MappingMethod
 ) -> np.ndarray:
     """Enhanced uint8 [3, S, S] → [H, W, 3] in the input's geometry, or [S, S, 3] for ``model``."""
     image = np.ascontiguousarray(result.transpose(1, 2, 0), dtype=np.uint8)
     if output_size == "model":
         return image
-    return from_working(
-        image, prepared.crop, prepared.decoded.pixels, working_input=prepared.working, method=method
-    )
+    return enhanced_to_input(prepared.view, prepared.decoded.pixels, image, method)
 
 
 def restore_vessels(
@@ -107,7 +109,7 @@ def restore_vessels(
     """Vessel probability uint8 [S, S] → [H, W] (zero outside the crop), optionally binarised to 0/255."""
     prob = np.ascontiguousarray(vessels, dtype=np.uint8)
     if output_size == "original":
-        prob = from_working(prob, prepared.crop, prepared.decoded.pixels, method="resize")
+        prob = vessels_to_input(prepared.view, prepared.decoded.pixels, prob)
     if threshold is not None:
         prob = np.where(prob.astype(np.float32) >= threshold * 255.0, 255, 0).astype(np.uint8)
     return prob

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-PHASES = ("rsp", "pseudo-masks", "enhance")
+PHASES = ("rsp", "pseudo-masks", "segmenter", "enhance")
 
 
 def _setup_logging() -> None:
@@ -32,6 +32,7 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
     helps = {
         "rsp": "phase 1: pretrain the vessel (RSP) branch on manual masks",
         "pseudo-masks": "segment clean images without manual masks with the pretrained vessel branch",
+        "segmenter": "independent vessel segmenter on clean photographs only (for evaluation)",
         "enhance": "phase 2: mean-teacher T-MAGE-Net training; exports the teacher artifact",
     }
     for phase in PHASES:
@@ -110,6 +111,16 @@ def run_train(args: argparse.Namespace) -> int:
                 stop_at=args.stop_at,
                 run_dir=args.run_dir,
             )
+        elif args.phase == "segmenter":
+            from training.phase_segmenter import train_segmenter
+
+            summary = train_segmenter(
+                config,
+                resume=args.resume,
+                max_minutes=args.max_minutes,
+                stop_at=args.stop_at,
+                run_dir=args.run_dir,
+            )
         elif args.phase == "pseudo-masks":
             from training.phase_pseudo import make_pseudo_masks
 
@@ -147,12 +158,31 @@ def register_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", type=int, default=512, help="working size the images are evaluated at")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--mode", default="cofe", choices=("cofe", "paper"), help="degradation mode")
+    parser.add_argument(
+        "--resolution",
+        default="both",
+        choices=("512", "native", "both"),
+        help="score at the working size, at the photographs' own geometry through the service's "
+        "restore path, or both",
+    )
+    parser.add_argument(
+        "--native-max-side",
+        type=int,
+        default=0,
+        help="scale native photographs so their longer side is at most this (0 = as stored)",
+    )
+    parser.add_argument(
+        "--segmenter",
+        default=None,
+        help="independent vessel segmenter weights (default: training/weights/segmenter.safetensors)",
+    )
     parser.set_defaults(func=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from model.artifact import ArtifactError
     from training.evaluate import evaluate
+    from training.segmenter import DEFAULT_SEGMENTER
 
     _setup_logging()
     try:
@@ -164,6 +194,9 @@ def run_eval(args: argparse.Namespace) -> int:
             size=args.size,
             device=args.device,
             mode=args.mode,
+            resolution=args.resolution,
+            native_max_side=args.native_max_side,
+            segmenter=args.segmenter or DEFAULT_SEGMENTER,
         )
     except (ArtifactError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)  # noqa: T201

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+VESSEL_ANCHORS = ("frozen", "distill", "free")
+
 
 class ConfigError(ValueError):
     """The configuration file or an override is invalid."""
@@ -61,6 +63,8 @@ class DataConfig:
         unlabeled_sets: folder sets whose images are unlabeled real images.
         quality_sets: folder sets with a ``quality.csv`` (DeepDRiD style): rows with
             ``overall_quality`` 0 are unlabeled real low-quality images.
+        quality_clean_sets: sets with a ``quality.csv`` whose ``overall_quality`` 1 rows are clean
+            targets of synthetic pairs (good photographs of the same cameras as the poor ones).
         eyeq_images: EyeQ image folder (empty = not used).
         eyeq_csv: EyeQ label CSV (``quality`` 0 Good → clean, 1 Usable → unlabeled real).
         unlabeled_dirs: plain folders of unlabeled real low-quality images.
@@ -68,10 +72,11 @@ class DataConfig:
         val_fraction: share of each set's non-test images held out for validation.
         val_max: cap on validation images per set.
         split_seed: seed of the train/validation draw.
-        val_images: number of fixed degraded validation images used for PSNR/SSIM during phase 2.
-        val_size: side the validation images are evaluated at (0 = working size).
-        val_types: degradation types of the validation images (empty = drawn per seed, as
-            ``fundus eval`` does; e.g. ``[illumination, spot, blur]`` for always-hard images).
+        val_images: number of fixed degraded validation images of phase 2 (taken from the clean
+            sets in turn).
+        val_native_max_side: phase-2 validation also degrades and restores each validation
+            photograph at its own geometry, its longer side scaled to at most this (0 = as
+            stored, -1 = skip the native-resolution check).
     """
 
     root: str = "../shared/data"
@@ -82,6 +87,7 @@ class DataConfig:
     vessel_sets: list[str] = field(default_factory=lambda: ["hrf", "chase_db1", "fives"])
     unlabeled_sets: list[str] = field(default_factory=lambda: ["chase_db1"])
     quality_sets: list[str] = field(default_factory=lambda: ["deepdrid"])
+    quality_clean_sets: list[str] = field(default_factory=list)
     eyeq_images: str = ""
     eyeq_csv: str = ""
     unlabeled_dirs: list[str] = field(default_factory=list)
@@ -90,8 +96,7 @@ class DataConfig:
     val_max: int = 8
     split_seed: int = 0
     val_images: int = 4
-    val_size: int = 0
-    val_types: list[str] = field(default_factory=list)
+    val_native_max_side: int = 1024
 
 
 @dataclass
@@ -153,13 +158,39 @@ class RspPhaseConfig:
         steps: iterations.
         batch_size: images per iteration (per process).
         include_avg: also supervise the averaged output (AG-Net does), besides the 4 sides.
+        degrade_prob: share of training images given a Cofe-Net degradation first (the mask stays
+            the clean one), so the branch reads vessels through the degradations it later guides
+            the restorer on. 0 = clean photographs only (AG-Net).
+        degradation_mode: ``cofe`` or ``paper``.
         optim: optimiser and schedule.
     """
 
     steps: int = 2000
     batch_size: int = 2
     include_avg: bool = True
+    degrade_prob: float = 0.0
+    degradation_mode: str = "cofe"
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1.5e-3, lr_min=1e-5))
+
+
+@dataclass
+class SegmenterPhaseConfig:
+    """The independent evaluation segmenter (:mod:`training.segmenter`), clean photographs only.
+
+    Attributes:
+        steps: iterations.
+        batch_size: images per iteration (per process).
+        width: first-level width of the U-Net.
+        weights: segmenter used by validation and ``fundus eval``; empty = this run's
+            ``<run>/segmenter/segmenter.safetensors``, else the shipped one is used when present.
+        optim: optimiser and schedule.
+    """
+
+    steps: int = 1500
+    batch_size: int = 4
+    width: int = 16
+    weights: str = ""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, lr_min=1e-5, warmup_steps=50))
 
 
 @dataclass
@@ -196,6 +227,21 @@ class LossConfig:
         use_rsp: supervise the vessel branch and initialise it from phase 1; ``false`` trains the
             restorer without vessel supervision (branch randomly initialised, no seg loss).
         consistency_on_vessels: include the vessel scales in the consistency term.
+        vessel_anchor: how the vessel branch is kept on its phase-1 behaviour. ``frozen``: not
+            trained in phase 2 at all (the paper's "pre-trained AG-Net" used as a fixed guide);
+            ``distill``: trained at ``vessel_lr_scale`` of the learning rate, with the vessel
+            losses plus ``anchor_weight`` · MSE between its probabilities and those of the frozen
+            phase-1 branch on every input; ``free``: trained like the rest (drifts on real
+            photographs that only the consistency term sees).
+        anchor_weight: weight of the distillation term (``distill`` only).
+        vessel_lr_scale: learning-rate factor of the vessel branch (``distill`` and ``free``).
+        real_vessel_weight: weight of the cross-entropy on the manual masks of unlabeled real
+            photographs (e.g. CHASE_DB1), which keeps the trainable branch calibrated on real
+            images and not only on synthetic ones.
+        structure_weight: weight of the structure term: MSE inside the FOV between the vessel
+            probabilities the frozen phase-1 branch sees in the restored image and in the clean
+            target. It penalises restorations that smooth vessels away or invent them, which
+            Charbonnier and PSNR barely notice.
     """
 
     charbonnier_eps: float = 1e-3
@@ -208,6 +254,11 @@ class LossConfig:
     stages: list[int] = field(default_factory=lambda: [1, 2])
     use_rsp: bool = True
     consistency_on_vessels: bool = True
+    vessel_anchor: str = "free"
+    anchor_weight: float = 1.0
+    vessel_lr_scale: float = 1.0
+    real_vessel_weight: float = 0.0
+    structure_weight: float = 0.0
 
 
 @dataclass
@@ -224,6 +275,9 @@ class EnhancePhaseConfig:
         degradation_mode: ``cofe`` or ``paper``.
         degrade_full: degrade the whole working image, then crop (keeps the degradation statistics
             of the 512² working size); ``false`` degrades the crops (cheaper).
+        identity_prob: share of synthetic pairs left undegraded (input = target), so the restorer
+            learns to leave good photographs alone ("do no harm") instead of applying the mean
+            correction of degraded ones.
         export: write the weight artifact ``<run>/enhance/teacher.safetensors`` at the end.
         export_source: ``teacher`` (EMA weights, the default) or ``student``.
         loss: loss weights and ablation switches.
@@ -238,6 +292,7 @@ class EnhancePhaseConfig:
     pseudo_dir: str = ""
     degradation_mode: str = "cofe"
     degrade_full: bool = True
+    identity_prob: float = 0.0
     export: bool = True
     export_source: str = "teacher"
     loss: LossConfig = field(default_factory=LossConfig)
@@ -253,6 +308,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     rsp: RspPhaseConfig = field(default_factory=RspPhaseConfig)
+    segmenter: SegmenterPhaseConfig = field(default_factory=SegmenterPhaseConfig)
     pseudo: PseudoPhaseConfig = field(default_factory=PseudoPhaseConfig)
     enhance: EnhancePhaseConfig = field(default_factory=EnhancePhaseConfig)
 
@@ -384,8 +440,6 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("data.working_size must be a positive multiple of 8")
     if d.crop_size < 0 or d.crop_size > d.working_size or d.crop_size % 8:
         raise ConfigError("data.crop_size must be 0 or a multiple of 8 not above data.working_size")
-    if d.val_size < 0 or d.val_size % 8:
-        raise ConfigError("data.val_size must be 0 or a multiple of 8")
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError("data.val_fraction must be in [0, 1)")
     loss = config.enhance.loss
@@ -395,9 +449,22 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("enhance.ema_decay must be in [0, 1]")
     if config.enhance.export_source not in ("teacher", "student"):
         raise ConfigError("enhance.export_source must be teacher or student")
-    if config.enhance.degradation_mode not in ("cofe", "paper"):
-        raise ConfigError("enhance.degradation_mode must be cofe or paper")
-    for name, steps in (("rsp", config.rsp.steps), ("enhance", config.enhance.steps)):
+    for name, mode in (("enhance", config.enhance.degradation_mode), ("rsp", config.rsp.degradation_mode)):
+        if mode not in ("cofe", "paper"):
+            raise ConfigError(f"{name}.degradation_mode must be cofe or paper")
+    for name, value in (
+        ("rsp.degrade_prob", config.rsp.degrade_prob),
+        ("enhance.identity_prob", config.enhance.identity_prob),
+    ):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1]")
+    if loss.vessel_anchor not in VESSEL_ANCHORS:
+        raise ConfigError(f"enhance.loss.vessel_anchor must be one of {', '.join(VESSEL_ANCHORS)}")
+    for name, steps in (
+        ("rsp", config.rsp.steps),
+        ("segmenter", config.segmenter.steps),
+        ("enhance", config.enhance.steps),
+    ):
         if steps <= 0:
             raise ConfigError(f"{name}.steps must be positive")
     if config.enhance.batch_labeled <= 0 or config.rsp.batch_size <= 0:

@@ -16,34 +16,35 @@ MAGE-Net without the teacher-student term.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from model.artifact import save_artifact
-from model.degradation import degrade
+from model.artifact import load_artifact, read_metadata, save_artifact
 from model.device import autocast, conv_memory_format
 from model.magenet import MageNet
 from model.presets import get_preset
+from model.vessels import VesselNet
 from training.checkpoint import StatefulParts
 from training.config import TrainConfig
 from training.datasets import WorkingDataset, crop_batch, derive_seed, to_float
 from training.ema import effective_decay, ema_update, make_teacher
-from training.evaluate import degrade_fixed
 from training.loop import optimizer_step
 from training.losses import RestorationLoss, consistency_mse, multiscale_segmentation
-from training.metrics import psnr, ssim
 from training.phase_pseudo import pseudo_dir_path, rsp_weights_path
 from training.phase_rsp import make_scaler
 from training.prepare import WorkingCache, pseudo_mask_path
 from training.runtime import hardware_summary, shutdown_distributed
 from training.schedules import consistency_weight, lr_factor
 from training.session import Session, make_batches, open_session, prepare_cache, run_session_loop
+from training.synthetic import degrade_some
+from training.validation import COLUMNS as VALIDATION_COLUMNS
+from training.validation import EnhanceValidator, round_robin
 from training.vessel_weights import load_vessels
 
 log = logging.getLogger("training")
@@ -54,16 +55,25 @@ COLUMNS = [
     "loss/edge",
     "loss/vessel",
     "loss/consistency",
+    "loss/real_vessel",
+    "loss/anchor",
+    "loss/structure",
     "loss/total",
     "weight/consistency",
     "ema_decay",
     "grad_norm",
-    "val/psnr",
-    "val/ssim",
-    "val/psnr_input",
-    "val/ssim_input",
+    *VALIDATION_COLUMNS,
 ]
-VAL_SEED = 20_000
+#: The teacher with the best validation score so far (what a finished run exports).
+BEST_NAME = "best-teacher.safetensors"
+
+
+def read_best(path: Path) -> dict[str, Any] | None:
+    """The ``selected`` record (score, step, validation) of a best-teacher file, if there is one."""
+    if not path.is_file():
+        return None
+    selected = read_metadata(path).get("training", {}).get("selected")
+    return selected if isinstance(selected, dict) and "score" in selected else None
 
 
 def rampup_length(config: TrainConfig) -> int:
@@ -85,9 +95,17 @@ class EnhanceTask(StatefulParts):
         torch.manual_seed(cfg.run.seed)
         self.student = MageNet(preset)
         self.rsp_info: dict[str, Any] = {}
+        # How the vessel branch is kept on its phase-1 behaviour (see LossConfig.vessel_anchor).
+        self.anchor = loss.vessel_anchor if loss.use_rsp else "free"
+        self.reference: VesselNet | None = None
         if loss.use_rsp:
             path = rsp_weights_path(cfg, e.rsp_checkpoint)
             self.rsp_info = {"weights": str(path), **load_vessels(path, self.student.vessels, preset.vessels)}
+            if loss.structure_weight > 0 or self.anchor == "distill":
+                self.reference = copy.deepcopy(self.student.vessels).eval().requires_grad_(False)
+                self.reference.to(self.device, memory_format=conv_memory_format(self.device))
+            if self.anchor == "frozen":
+                self.student.vessels.requires_grad_(False)
         self.student.to(self.device, memory_format=conv_memory_format(self.device))
         self.teacher = make_teacher(self.student)
         self.model: torch.nn.Module = self.student
@@ -99,7 +117,7 @@ class EnhanceTask(StatefulParts):
             )
         o = e.optim
         self.optimizer = torch.optim.Adam(
-            self.student.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+            self._param_groups(o.lr, loss.vessel_lr_scale), betas=tuple(o.betas), weight_decay=o.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, e.steps, o.warmup_steps, o.lr, o.lr_min)
@@ -125,9 +143,17 @@ class EnhanceTask(StatefulParts):
             raise ValueError("no clean training images (check data.clean_sets / data.eyeq_*)")
         if self.use_teacher and not self.unlabeled:
             raise ValueError("consistency_weight > 0 needs unlabeled real images (data.unlabeled_sets ...)")
-        clean_sets = set(cfg.data.clean_sets) | {"eyeq"}
-        self.val_records = [r for r in split.with_role("val") if r.set in clean_sets][: cfg.data.val_images]
-        prepare_cache(self.labeled + self.unlabeled + self.val_records, self.cache, session)
+        clean_sets = set(cfg.data.clean_sets) | set(cfg.data.quality_clean_sets) | {"eyeq"}
+        held_out = split.with_role("val")
+        self.validator = EnhanceValidator(
+            cfg,
+            round_robin([r for r in held_out if r.set in clean_sets], cfg.data.val_images),
+            [r for r in held_out if r.set in cfg.data.unlabeled_sets and r.vessel is not None],
+            self.cache,
+            self.device,
+        )
+        prepare_cache(self.labeled + self.unlabeled + self.validator.records, self.cache, session)
+        self.best = read_best(session.run_dir / BEST_NAME) if session.resume else None
         pseudo = pseudo_dir_path(cfg, e.pseudo_dir)
         self.labeled_set = WorkingDataset(
             self.labeled,
@@ -137,8 +163,10 @@ class EnhanceTask(StatefulParts):
             pseudo_dir=pseudo,
             with_vessels=loss.use_rsp,
         )
+        # Real photographs with manual masks (CHASE_DB1) keep a trainable vessel branch calibrated.
+        self.real_vessels = loss.real_vessel_weight > 0 and loss.use_rsp and self.anchor != "frozen"
         self.unlabeled_set = WorkingDataset(
-            self.unlabeled, self.cache, cfg.data.crop_size, with_vessels=False
+            self.unlabeled, self.cache, cfg.data.crop_size, with_vessels=self.real_vessels
         )
         if loss.use_rsp and session.env.is_main:
             needs_mask = [r for r in self.labeled if "pseudo" in r.roles]
@@ -149,7 +177,15 @@ class EnhanceTask(StatefulParts):
                     len(missing),
                     pseudo,
                 )
-        self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+    def _param_groups(self, lr: float, vessel_lr_scale: float) -> list[dict[str, Any]]:
+        """Adam groups: the restorer at ``lr``, the trainable vessel branch at ``lr · scale``."""
+        restorer = [p for n, p in self.student.named_parameters() if not n.startswith("vessels.")]
+        vessels = [p for p in self.student.vessels.parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": restorer, "lr": lr}]
+        if vessels:
+            groups.append({"params": vessels, "lr": lr * vessel_lr_scale})
+        return groups
 
     # ---------------------------------------------------------------- data
     def batches(
@@ -175,8 +211,9 @@ class EnhanceTask(StatefulParts):
         """(degraded, clean, vessel, fov, has_vessel), all cropped to the training size."""
         e = self.config.enhance
         clean, fov = lab["image"], lab["fov"]
-        degraded, _ = degrade(clean, fov, generator=self.generators["degrade"], mode=e.degradation_mode)
-        degraded = degraded.to(clean.dtype)
+        degraded = degrade_some(
+            clean, fov, self.generators["degrade"], keep_prob=e.identity_prob, mode=e.degradation_mode
+        )
         vessel = lab["vessel"]
         if e.degrade_full:
             corners, size = lab["corner"], self.config.data.crop_size
@@ -190,7 +227,7 @@ class EnhanceTask(StatefulParts):
         cfg, loss_cfg = self.config, self.config.enhance.loss
         self.student.train()
         lab = to_float(batch[0], self.device)
-        degraded, clean, vessel, _fov, has_vessel = self._synthetic_pairs(lab)
+        degraded, clean, vessel, fov, has_vessel = self._synthetic_pairs(lab)
         n = degraded.shape[0]
         inputs = degraded
         unl: dict[str, torch.Tensor] | None = None
@@ -204,11 +241,32 @@ class EnhanceTask(StatefulParts):
         terms = {"char": parts["char"], "edge": parts["edge"]}
         total = parts["restore"]
         if loss_cfg.use_rsp:
-            seg = multiscale_segmentation(
-                [v[:n] for v in out.vessel_logits], vessel, loss_cfg.seg_include_avg, weights=has_vessel
-            )
+            trainable = self.anchor != "frozen"
+            with torch.set_grad_enabled(trainable):  # a frozen branch's loss is only logged
+                seg = multiscale_segmentation(
+                    [v[:n] for v in out.vessel_logits], vessel, loss_cfg.seg_include_avg, weights=has_vessel
+                )
             terms["vessel"] = seg
-            total = total + loss_cfg.seg_weight * seg
+            if trainable:
+                total = total + loss_cfg.seg_weight * seg
+            if self.real_vessels and unl is not None:
+                real = multiscale_segmentation(
+                    [v[n:] for v in out.vessel_logits],
+                    unl["vessel"],
+                    loss_cfg.seg_include_avg,
+                    weights=unl["has_vessel"],
+                )
+                terms["real_vessel"] = real
+                total = total + loss_cfg.real_vessel_weight * real
+            if self.anchor == "distill":
+                assert self.reference is not None
+                anchor = self._distillation(inputs, out.vessel_logits)
+                terms["anchor"] = anchor
+                total = total + loss_cfg.anchor_weight * anchor
+            if loss_cfg.structure_weight > 0:
+                structure = self._structure(out.images[0][:n], clean, fov)
+                terms["structure"] = structure
+                total = total + loss_cfg.structure_weight * structure
         weight = consistency_weight(step, loss_cfg.consistency_weight, self.rampup)
         if unl is not None:
             noise = torch.randn(unl["image"].shape, generator=self.generators["noise"], device=self.device)
@@ -235,46 +293,48 @@ class EnhanceTask(StatefulParts):
         values["weight/consistency"] = weight if self.use_teacher else 0.0
         return values
 
-    # ---------------------------------------------------------------- validation
-    def _validation_set(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Fixed (degraded, clean, fov) triples on the device, degraded once at fixed seeds."""
-        if self._val is None:
-            size = self.config.data.val_size
-            triples = []
-            for index, record in enumerate(self.val_records):
-                sample = self.cache.load(record)
-                image, fov = sample.image, sample.fov
-                if size and size != image.shape[0]:
-                    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-                    fov = cv2.resize(fov, (size, size), interpolation=cv2.INTER_NEAREST)
-                clean = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
-                fov_t = torch.from_numpy(fov.astype(np.float32))[None]
-                degraded, _ = degrade_fixed(
-                    clean,
-                    fov_t,
-                    VAL_SEED + index,
-                    types=self.config.data.val_types or None,
-                    mode=self.config.enhance.degradation_mode,
-                )
-                triples.append((degraded.to(self.device), clean.to(self.device), fov_t.to(self.device)))
-            self._val = triples
-        return self._val
+    def _distillation(self, inputs: torch.Tensor, logits: list[torch.Tensor]) -> torch.Tensor:
+        """Σ over the four sides of MSE(softmax student, softmax frozen phase-1 branch) on ``inputs``."""
+        assert self.reference is not None
+        with torch.no_grad(), autocast(self.device, self.amp):
+            anchor = self.reference(inputs).logits
+        return consistency_mse([], [], logits[1:], anchor[1:])
 
+    def _structure(self, restored: torch.Tensor, clean: torch.Tensor, fov: torch.Tensor) -> torch.Tensor:
+        """FOV-mean squared difference of the frozen branch's vessel probability on restored vs clean.
+
+        restored, clean: (B, 3, h, w); fov: (B, 1, h, w) in {0, 1}.
+        """
+        assert self.reference is not None
+        with torch.no_grad(), autocast(self.device, self.amp):
+            target = torch.softmax(self.reference(clean).logits[-1].float(), dim=1)[:, 1:2]
+        with autocast(self.device, self.amp):
+            logits = self.reference(restored).logits[-1]
+        prob = torch.softmax(logits.float(), dim=1)[:, 1:2]
+        return ((prob - target) ** 2 * fov).sum() / fov.sum().clamp_min(1.0)
+
+    # ---------------------------------------------------------------- validation
     @torch.no_grad()
     def validate(self, step: int) -> dict[str, float]:
-        if not self.session.env.is_main or not self.val_records:
+        if not self.session.env.is_main or not self.validator.records:
             return {}
-        rows: dict[str, list[float]] = {"psnr": [], "ssim": [], "psnr_input": [], "ssim_input": []}
-        for degraded, clean, fov in self._validation_set():
-            with autocast(self.device, self.amp):
-                image, _ = self.teacher.infer(degraded[None])
-            assert image is not None
-            out = image[0].float()
-            rows["psnr"].append(psnr(out, clean, fov))
-            rows["ssim"].append(ssim(out, clean, fov))
-            rows["psnr_input"].append(psnr(degraded, clean, fov))
-            rows["ssim_input"].append(ssim(degraded, clean, fov))
-        return {f"val/{k}": float(np.mean(v)) for k, v in rows.items()}
+        values = self.validator.run(self.teacher)
+        self._keep_if_best(step, values)
+        return values
+
+    def _keep_if_best(self, step: int, values: dict[str, float]) -> None:
+        """Write the teacher to ``best-teacher.safetensors`` when its validation score is the best yet."""
+        score = values.get("val/score")
+        if score is None or (self.best is not None and score <= self.best["score"]):
+            return
+        self.best = {"score": score, "step": step, "validation": values}
+        save_artifact(
+            self.session.run_dir / BEST_NAME,
+            self.teacher,
+            preset=self.config.model.preset,
+            training={"selected": self.best},
+        )
+        log.info("step %d: best validation score so far (%.3f)", step, score)
 
     # ---------------------------------------------------------------- state
     def stateful_parts(self) -> dict[str, Any]:
@@ -334,12 +394,18 @@ def train_enhance(
                 "config": config.to_dict(),
             }
             source = task.teacher if config.enhance.export_source == "teacher" else task.student
+            validation = result.last_val
+            if config.enhance.export_source == "teacher" and task.best is not None:
+                # The teacher chosen on validation, not simply the last one.
+                source = load_artifact(session.run_dir / BEST_NAME, "cpu").model
+                training["selected"] = task.best
+                validation = task.best["validation"]
             save_artifact(
                 out,
                 source,
                 preset=config.model.preset,
                 training=training,
-                metrics={"validation": result.last_val},
+                metrics={"validation": validation},
             )
             summary["weights"] = str(out)
         return summary

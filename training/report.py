@@ -25,13 +25,30 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _image_rows(s: dict[str, Any], prefix: str) -> list[list[str]]:
+    return [
+        [
+            "PSNR (dB, in FOV)",
+            *[_fmt(s.get(f"{prefix}psnr_{c}"), 2) for c in SYNTHETIC_COLUMNS],
+            _fmt(s.get(f"{prefix}psnr_clean_model"), 2),
+        ],
+        [
+            "SSIM (in FOV)",
+            *[_fmt(s.get(f"{prefix}ssim_{c}")) for c in SYNTHETIC_COLUMNS],
+            _fmt(s.get(f"{prefix}ssim_clean_model")),
+        ],
+        [
+            "independent vessel AUC",
+            *[_fmt(s.get(f"{prefix}indep_auc_{c}")) for c in ("degraded", "clahe", "enhanced")],
+            _fmt(s.get(f"{prefix}indep_auc_clean")),
+        ],
+    ]
+
+
 def write_html(path: Path, report: dict[str, Any]) -> None:
     """Write the report page for an :func:`training.evaluate.evaluate` result."""
     s = report["summary"]
-    image_rows = [
-        ["PSNR (dB, in FOV)", *[_fmt(s[f"psnr_{c}"], 2) for c in SYNTHETIC_COLUMNS]],
-        ["SSIM (in FOV)", *[_fmt(s[f"ssim_{c}"]) for c in SYNTHETIC_COLUMNS]],
-    ]
+    header = ["metric", "degraded input", "CLAHE (LAB L)", "model", "clean photo through the model"]
     vessel_rows = [
         [
             key.upper(),
@@ -54,19 +71,24 @@ def write_html(path: Path, report: dict[str, Any]) -> None:
         f"(preset {html.escape(str(report['preset']))}), "
         f"working size {report['size']}, degradation mode {html.escape(str(report['degradation_mode']))}, "
         f"seeds from {report['seed_base']}, device {html.escape(str(report['device']))}.</p>",
-        f"<h2>Synthetic degradations ({s['synthetic_images']} images)</h2>",
-        _table(["metric", "degraded input", "CLAHE (LAB L)", "model"], image_rows),
-        "<h3>Vessel segmentation (the artifact's vessel branch)</h3>",
+        f"<h2>Synthetic degradations at the working size ({s['synthetic_images']} images)</h2>",
+        _table(header, _image_rows(s, "")),
+        "<h2>Synthetic degradations at native resolution, through the service's restore path</h2>",
+        _table(header, _image_rows(s, "native_")),
+        "<h3>Vessel segmentation (the artifact's vessel branch, working size)</h3>",
         _table(["metric", *VESSEL_COLUMNS, "gap recovered"], vessel_rows),
         f"<h2>Real images ({s['real_images']} images, no clean reference)</h2>",
         _table(["metric", "raw", "enhanced"], real_rows),
-        "<h2>Images</h2><p>Synthetic rows: degraded | CLAHE | model | clean. Real rows: raw | enhanced.</p>",
+        "<h2>Images</h2><p>Synthetic rows: degraded | CLAHE | model | clean (working size). "
+        "Real rows: raw | enhanced.</p>",
     ]
     for row in report["synthetic"] + report["real"]:
+        if "grid" not in row:
+            continue
         if row["group"] == "synthetic":
             caption = (
-                f"{row['image']}: PSNR {_fmt(row['psnr_degraded'], 2)} | {_fmt(row['psnr_clahe'], 2)} | "
-                f"{_fmt(row['psnr_model'], 2)} dB"
+                f"{row['image']}: PSNR {_fmt(row.get('psnr_degraded'), 2)} | "
+                f"{_fmt(row.get('psnr_clahe'), 2)} | {_fmt(row.get('psnr_model'), 2)} dB"
             )
         else:
             caption = (

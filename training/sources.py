@@ -5,7 +5,8 @@ Sources:
     (b) EyeQ: an image folder plus ``Label_EyeQ_train.csv`` (``quality`` 0 Good → clean,
         1 Usable → unlabeled real, 2 Reject → unused);
     (c) plain folders of unlabeled real images;
-    plus ``quality.csv`` of DeepDRiD-style sets (``overall_quality`` 0 = poor → unlabeled real).
+    plus ``quality.csv`` of DeepDRiD-style sets (``overall_quality`` 0 = poor → unlabeled real,
+    1 = good → clean target when the set is in ``quality_clean_sets``).
 
 Roles of a training image: ``clean`` (target of synthetic pairs), ``vessel`` (manual vessel mask
 supervises the vessel branch), ``pseudo`` (clean image without a manual mask: gets a pseudo-mask),
@@ -81,8 +82,9 @@ def folder_set(root: Path, name: str) -> list[ImageRecord]:
     ]
 
 
-def quality_poor_stems(root: Path, name: str) -> set[str]:
-    """Stems whose ``overall_quality`` is 0 in ``<root>/<name>/quality.csv`` (empty if no file)."""
+def quality_stems(root: Path, name: str, quality: str) -> set[str]:
+    """Stems whose ``overall_quality`` is ``quality`` (``"0"`` poor, ``"1"`` good) in
+    ``<root>/<name>/quality.csv`` (empty if there is no such file)."""
     table = root / name / "quality.csv"
     if not table.is_file():
         return set()
@@ -90,8 +92,13 @@ def quality_poor_stems(root: Path, name: str) -> set[str]:
         return {
             row["stem"]
             for row in csv.DictReader(handle)
-            if str(row.get("overall_quality", "")).strip() == "0"
+            if str(row.get("overall_quality", "")).strip() == quality
         }
+
+
+def quality_poor_stems(root: Path, name: str) -> set[str]:
+    """Stems of poor-quality photographs (``overall_quality`` 0) of a DeepDRiD-style set."""
+    return quality_stems(root, name, "0")
 
 
 def eyeq_records(images: Path, labels: Path) -> tuple[list[ImageRecord], list[ImageRecord]]:
@@ -208,6 +215,13 @@ def build_split(config: DataConfig) -> Split:
         found = [r for r in folder_set(root, name) if r.stem in poor and r.key not in test_keys]
         for record in _limit(found, config.limit_per_set, config.split_seed, f"{name}:poor"):
             add(record, "unlabeled")
+    for name in config.quality_clean_sets:
+        good = quality_stems(root, name, "1")
+        found = [r for r in folder_set(root, name) if r.stem in good and r.key not in test_keys]
+        found = _limit(found, config.limit_per_set, config.split_seed, f"{name}:good")
+        held_out = _validation_keys(found, config, f"{name}:good")
+        for record in found:
+            add(record, "val" if record.key in held_out else "clean")
     if config.eyeq_images and config.eyeq_csv:
         good, usable = eyeq_records(Path(config.eyeq_images), Path(config.eyeq_csv))
         good = _limit(good, config.limit_per_set, config.split_seed, "eyeq:good")

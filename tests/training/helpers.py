@@ -17,7 +17,12 @@ def tiny_config(tmp: Path, data_root: Path, overrides: list[str] | None = None) 
     raw: dict[str, Any] = yaml.safe_load(SMOKE.read_text())
     raw["run"]["out_root"] = str(tmp / "runs")
     raw["data"].update(
-        root=str(data_root), cache_dir=str(tmp / "cache"), working_size=32, crop_size=24, limit_per_set=2
+        root=str(data_root),
+        cache_dir=str(tmp / "cache"),
+        working_size=32,
+        crop_size=24,
+        limit_per_set=2,
+        val_native_max_side=96,
     )
     raw["logging"].update(tensorboard=False, progress=False, log_every=1, val_every=2, checkpoint_every=2)
     raw["rsp"]["steps"] = 3

@@ -103,3 +103,49 @@ def test_eval_on_two_images_writes_json_and_html(
     html = (out / "report.html").read_text()
     assert "<table>" in html and "CLAHE" in html
     assert len(list((out / "images").glob("*.png"))) == 2
+
+
+def test_eval_native_resolution_and_independent_segmenter(
+    tmp_path: Path, data_root: Path, tiny_artifact: Path
+) -> None:
+    from training.segmenter import SegmenterNet, save_segmenter
+
+    segmenter = tmp_path / "segmenter.safetensors"
+    save_segmenter(segmenter, SegmenterNet(4), {"note": "random"})
+    out = tmp_path / "eval"
+    args = ["eval", "--weights", str(tiny_artifact), "--data", str(data_root), "--out", str(out)]
+    extra = ["--native-max-side", "160", "--segmenter", str(segmenter), "--resolution", "both"]
+    assert main([*args, "--limit", "1", "--size", "64", "--device", "cpu", *extra]) == 0
+    report = json.loads((out / "report.json").read_text())
+    summary, row = report["summary"], report["synthetic"][0]
+    for prefix in ("", "native_"):
+        for key in ("psnr_degraded", "psnr_model", "psnr_clahe", "psnr_clean_model"):
+            assert summary[f"{prefix}{key}"] is not None and summary[f"{prefix}{key}"] > 5, prefix + key
+        assert 0 < summary[f"{prefix}ssim_model"] <= 1
+        for name in ("clean", "degraded", "enhanced"):
+            assert 0 <= summary[f"{prefix}indep_auc_{name}"] <= 1
+    assert "native_psnr_gain_vs_degraded" in summary and "psnr_gain_vs_clahe" in summary
+    assert report["independent_segmenter"] == str(segmenter)
+    assert row["native_psnr_degraded"] != row["psnr_degraded"]  # a different (native) degradation
+    only_native = tmp_path / "native"
+    args = ["eval", "--weights", str(tiny_artifact), "--data", str(data_root), "--out", str(only_native)]
+    assert (
+        main(
+            [
+                *args,
+                "--limit",
+                "1",
+                "--size",
+                "64",
+                "--device",
+                "cpu",
+                "--resolution",
+                "native",
+                "--native-max-side",
+                "160",
+            ]
+        )
+        == 0
+    )
+    native = json.loads((only_native / "report.json").read_text())["summary"]
+    assert native["psnr_model"] is None and native["native_psnr_model"] > 5
