@@ -30,7 +30,8 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from model.fov import detect_fov, from_working, plan_crop, to_working  # noqa: E402
+from model.fov import from_working, plan_crop, to_working  # noqa: E402
+from model.fov_detect import detect_fov, estimate_fov  # noqa: E402
 from model.restore import WorkingView  # noqa: E402
 from service.codecs import EncodeContext, default_registry  # noqa: E402
 from service.imaging import Prepared, decode_upload, restore_enhanced  # noqa: E402
@@ -95,7 +96,9 @@ def bench_image(pixels: np.ndarray, working_size: int, repeats: int) -> dict[str
     circle = detect_fov(decoded.pixels)
     crop = plan_crop(circle, decoded.height, decoded.width, working_size)
     working = to_working(decoded.pixels, crop)
-    prepared = Prepared(decoded=decoded, view=WorkingView(crop=crop, working=working))
+    prepared = Prepared(
+        decoded=decoded, view=WorkingView(crop=crop, working=working, fov=estimate_fov(decoded.pixels))
+    )
     result = prepared.model_input()
     restored = restore_enhanced(prepared, result, output_size="original", method="transfer")
     steps = {

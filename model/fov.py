@@ -3,9 +3,10 @@ image, and map working-size results back onto the original photograph.
 
 Fundus cameras image the retina through a circular aperture. Depending on the camera the circle sits on
 a dark or a bright background, may be clipped at the top and bottom of the frame, and may carry burned-in
-text outside it. :func:`detect_fov` estimates the circle; :func:`plan_crop` / :func:`to_working` turn any
-photograph into a centred, zero-padded ``S×S`` working image (the model's input geometry, 512² by
-default) and :func:`from_working` puts a working-size result back at the original size and placement.
+text outside it. :func:`model.fov_detect.estimate_fov` finds the circle; :func:`plan_crop` and
+:func:`to_working` turn any photograph into a centred, zero-padded ``S×S`` working image (the model's
+input geometry, 512² by default) and :func:`from_working` puts a working-size result back at the
+original size and placement, blended into the original inside the field of view only.
 
 Coordinates: pixel centres sit at integer positions, so pixel ``(x, y)`` belongs to the FOV when
 ``(x - cx)² + (y - cy)² <= r²``.
@@ -18,7 +19,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import cv2
 import numpy as np
@@ -27,18 +28,14 @@ __all__ = [
     "FovCircle",
     "FovNotFound",
     "SquareCrop",
-    "detect_fov",
     "fov_mask",
     "from_working",
     "plan_crop",
+    "soft_disk",
     "to_working",
     "working_fov_mask",
 ]
 
-#: Images are analysed with their longer side reduced to this many pixels (speed; ~0.2 % radius steps).
-ANALYSIS_SIZE = 512
-#: Smallest image side accepted by :func:`detect_fov`.
-MIN_SIDE = 32
 #: Local gain bound of the ``transfer`` mapping in :func:`from_working`.
 MAX_TRANSFER_GAIN = 4.0
 #: Windows of at least this radius are summed on a 2× coarser grid in the ``transfer`` gain fit (speed).
@@ -102,175 +99,12 @@ def fov_mask(height: int, width: int, circle: FovCircle) -> np.ndarray:
     return xs * xs + ys * ys <= circle.radius * circle.radius
 
 
-def _soft_disk(height: int, width: int, circle: FovCircle) -> np.ndarray:
+def soft_disk(height: int, width: int, circle: FovCircle) -> np.ndarray:
     """``[H, W]`` float32 in [0, 1]: 1 inside, 0 outside, a one-pixel linear ramp across the edge."""
     ys = np.arange(height, dtype=np.float64)[:, None] - circle.cy
     xs = np.arange(width, dtype=np.float64)[None, :] - circle.cx
     distance = np.sqrt(xs * xs + ys * ys)
     return np.clip(circle.radius - distance + 0.5, 0.0, 1.0).astype(np.float32)
-
-
-def _corner_patches(image: np.ndarray) -> list[np.ndarray]:
-    h, w = image.shape[:2]
-    ph, pw = max(2, h // 25), max(2, w // 25)
-    return [image[:ph, :pw], image[:ph, -pw:], image[-ph:, :pw], image[-ph:, -pw:]]
-
-
-def _background(image: np.ndarray) -> tuple[np.ndarray, float]:
-    """Background colour and noise level, read from the four corner patches.
-
-    The colour is the median over corners of each corner's median colour, and the noise the median over
-    corners of each corner's 95th-percentile deviation from that colour: one corner holding text or a
-    piece of the fundus does not move either.
-    """
-    corners = _corner_patches(image)
-    colour = np.median(np.stack([np.median(c.reshape(-1, 3), axis=0) for c in corners]), axis=0)
-    spreads = [
-        float(np.percentile(np.abs(c.reshape(-1, 3).astype(np.float32) - colour).max(axis=1), 95))
-        for c in corners
-    ]
-    return colour, float(np.median(spreads))
-
-
-def _fit_circle(points: np.ndarray) -> tuple[float, float, float]:
-    """Algebraic least-squares circle (Kåsa) through ``[N, 2]`` points ``(x, y)``."""
-    x, y = points[:, 0], points[:, 1]
-    design = np.stack([x, y, np.ones_like(x)], axis=1)
-    rhs = x * x + y * y
-    (a, b, c), *_ = np.linalg.lstsq(design, rhs, rcond=None)
-    cx, cy = a / 2, b / 2
-    return float(cx), float(cy), float(math.sqrt(max(c + cx * cx + cy * cy, 0.0)))
-
-
-def _robust_circle(points: np.ndarray) -> tuple[float, float, float, float]:
-    """Circle fit with iterative outlier rejection (notches, eyelashes, glare at the rim).
-
-    Returns:
-        ``(cx, cy, r, inlier_fraction)``.
-    """
-    keep = np.ones(len(points), dtype=bool)
-    cx, cy, r = _fit_circle(points)
-    for _ in range(5):
-        residual = np.abs(np.hypot(points[:, 0] - cx, points[:, 1] - cy) - r)
-        spread = max(1.5, 3.0 * float(np.median(residual[keep])) * 1.4826)
-        new_keep = residual <= spread
-        if new_keep.sum() < 20:
-            break
-        keep = new_keep
-        cx, cy, r = _fit_circle(points[keep])
-    residual = np.abs(np.hypot(points[:, 0] - cx, points[:, 1] - cy) - r)
-    return cx, cy, r, float(np.mean(residual <= max(2.0, 0.03 * r)))
-
-
-def _foreground(small: np.ndarray) -> np.ndarray:
-    """``[h, w]`` uint8 0/255: pixels that differ from the background colour (the fundus candidate).
-
-    A pixel is foreground when any channel differs from the background colour by more than the
-    threshold. Samples are integers, so "within the threshold on every channel" is an integer range
-    per channel, which ``cv2.inRange`` tests in one pass.
-    """
-    smooth = cv2.medianBlur(small, 5)
-    background, noise = _background(smooth)
-    # Just above the background's own noise, so the dim, vignetted rim of the fundus stays inside.
-    threshold = max(10.0, noise + 8.0)
-    colour = background.astype(np.float64)
-    lower = np.ceil(colour - threshold)
-    upper = np.floor(colour + threshold)
-    near = cv2.inRange(smooth, tuple(float(v) for v in lower), tuple(float(v) for v in upper))
-    return cv2.bitwise_not(near)
-
-
-def _fundus_region(binary: np.ndarray) -> np.ndarray:
-    h, w = binary.shape
-    k = max(3, (min(h, w) // 60) | 1)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
-    cleaned = cv2.morphologyEx(binary, cv2.MORPH_OPEN, kernel)
-    cleaned = cv2.morphologyEx(cleaned, cv2.MORPH_CLOSE, kernel)
-    # Labels only, then areas by counting: much cheaper than OpenCV's full component statistics.
-    count, labels = cv2.connectedComponents(cleaned, connectivity=8)
-    if count <= 1:
-        return np.zeros_like(binary)
-    areas = np.bincount(labels.ravel(), minlength=count)
-    largest = 1 + int(np.argmax(areas[1:]))
-    component = cv2.compare(labels, largest, cv2.CMP_EQ)  # uint8 0/255
-    # The field of view is convex: its hull bridges dark bites at the rim (vignetting, shadows) and
-    # notches, which would otherwise pull the circle fit.
-    contours, _ = cv2.findContours(component, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    hull = cv2.convexHull(np.concatenate(contours))
-    filled = np.zeros_like(component)
-    cv2.fillConvexPoly(filled, hull, 255)
-    return filled
-
-
-def detect_fov(image: np.ndarray) -> FovCircle:
-    """Find the circular field of view of a colour fundus photograph.
-
-    The photograph is reduced to :data:`ANALYSIS_SIZE`, the background colour is read from the corners
-    (dark or bright backgrounds both work), the fundus is the largest region that differs from it, and a
-    robust circle is fitted to that region's outline, ignoring outline points on the image border (where
-    the circle is clipped by the frame).
-
-    Args:
-        image: ``[H, W, 3]`` uint8 RGB.
-
-    Returns:
-        The FOV circle in original pixel coordinates.
-
-    Raises:
-        FovNotFound: tiny or uniform images, or no region that is convincingly a (clipped) disk.
-        ValueError: not an ``[H, W, 3]`` uint8 array.
-    """
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError("detect_fov expects an [H, W, 3] uint8 RGB array")
-    height, width = image.shape[:2]
-    if min(height, width) < MIN_SIDE:
-        raise FovNotFound(f"image too small for FOV detection ({width}x{height}, minimum side {MIN_SIDE})")
-    factor = min(1.0, ANALYSIS_SIZE / max(height, width))
-    small = image
-    if factor < 1.0:
-        size = (max(1, round(width * factor)), max(1, round(height * factor)))
-        small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    sh, sw = small.shape[:2]
-    region = _fundus_region(_foreground(small))
-    area = int(np.count_nonzero(region))
-    if area < 0.05 * sh * sw:
-        raise FovNotFound("no fundus field of view found (no large region differs from the background)")
-
-    contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    outline = np.concatenate([c.reshape(-1, 2) for c in contours]).astype(np.float64)
-    on_border = (
-        (outline[:, 0] <= 1) | (outline[:, 0] >= sw - 2) | (outline[:, 1] <= 1) | (outline[:, 1] >= sh - 2)
-    )
-    rim = outline[~on_border]
-    if len(rim) < 30:
-        raise FovNotFound("no fundus field of view found (the region has no round outline)")
-    cx, cy, r, inliers = _robust_circle(rim)
-    residual = np.abs(np.hypot(rim[:, 0] - cx, rim[:, 1] - cy) - r)
-    angles = np.arctan2(
-        rim[residual <= max(2.0, 0.03 * r), 1] - cy, rim[residual <= max(2.0, 0.03 * r), 0] - cx
-    )
-    arc_bins = len(np.unique(np.floor((angles + np.pi) / (2 * np.pi) * 36).astype(int)))
-
-    disk = fov_mask(sh, sw, FovCircle(cx, cy, r))
-    inside = region > 0
-    union = np.count_nonzero(disk | inside)
-    iou = np.count_nonzero(disk & inside) / union if union else 0.0
-    plausible = (
-        inliers >= 0.3
-        and arc_bins >= 12
-        and iou >= 0.85
-        and 0.15 * min(sh, sw) <= r <= 0.8 * max(sh, sw)
-        and -0.25 * r <= cx <= sw + 0.25 * r
-        and -0.25 * r <= cy <= sh + 0.25 * r
-    )
-    if not plausible:
-        raise FovNotFound("no fundus field of view found (the candidate region is not a disk)")
-    # The low threshold admits the partly covered pixels of the anti-aliased rim and the hull adds a
-    # little, so the outline sits about half an analysis pixel outside the edge (calibrated on the HRF
-    # FOV masks: mean IoU 0.997 → 0.998).
-    return FovCircle(
-        cx=(cx + 0.5) / factor - 0.5, cy=(cy + 0.5) / factor - 0.5, radius=max(r - 0.5, 1.0) / factor
-    )
 
 
 def plan_crop(circle: FovCircle, height: int, width: int, working_size: int = 512) -> SquareCrop:
@@ -351,7 +185,7 @@ def working_fov_mask(crop: SquareCrop) -> np.ndarray:
     """
     rows = _frame_coverage(crop.y0, crop.height, crop.side, crop.size)
     cols = _frame_coverage(crop.x0, crop.width, crop.side, crop.size)
-    return _soft_disk(crop.size, crop.size, crop.working_circle) * np.outer(rows, cols)
+    return soft_disk(crop.size, crop.size, crop.working_circle) * np.outer(rows, cols)
 
 
 def _resample_box(values: np.ndarray, crop: SquareCrop, interpolation: int | None = None) -> np.ndarray:
@@ -484,19 +318,36 @@ def _local_gain(
     return gain
 
 
-def _roi_soft_disk(crop: SquareCrop) -> tuple[tuple[slice, slice], np.ndarray]:
-    """The image region of the crop box and the soft FOV disk over it (``[h, w, 1]`` float32).
+class AreaWeight(Protocol):
+    """Something that knows which original pixels hold picture (see ``model.fov_detect.FovEstimate``)."""
 
-    The box holds the circle plus a margin, so the disk is zero everywhere outside this region.
+    def area_weight(self, rows: slice, cols: slice) -> np.ndarray | None:
+        """``[h, w]`` float32 in [0, 1] over original pixels ``[rows, cols]``; None = all picture."""
+        ...
+
+
+def _roisoft_disk(
+    crop: SquareCrop, area: AreaWeight | None = None, margin: float = 0.0
+) -> tuple[tuple[slice, slice], np.ndarray]:
+    """The image region of the crop box and the blending weight over it (``[h, w, 1]`` float32).
+
+    The weight is the soft FOV disk shrunk by ``margin`` pixels, times the photographed-area weight
+    of ``area`` when given. The box holds the circle plus a margin, so the weight is zero everywhere
+    outside this region.
     """
     sx0, sy0, sx1, sy1 = _box_bounds(crop)
     circle = crop.circle
     ys = np.arange(sy0, sy1, dtype=np.float64) - circle.cy
     xs = np.arange(sx0, sx1, dtype=np.float64) - circle.cx
     squared = (ys * ys).astype(np.float32)[:, None] + (xs * xs).astype(np.float32)[None, :]
-    weight = np.float32(circle.radius + 0.5) - np.sqrt(squared)
+    weight = np.float32(circle.radius - margin + 0.5) - np.sqrt(squared)
     np.clip(weight, 0.0, 1.0, out=weight)
-    return (slice(sy0, sy1), slice(sx0, sx1)), weight[..., None]
+    rows, cols = slice(sy0, sy1), slice(sx0, sx1)
+    if area is not None:
+        picture = area.area_weight(rows, cols)
+        if picture is not None:
+            weight *= picture
+    return (rows, cols), weight[..., None]
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
@@ -552,6 +403,8 @@ def from_working(
     *,
     working_input: np.ndarray | None = None,
     method: Literal["transfer", "resize"] = "transfer",
+    area: AreaWeight | None = None,
+    rim_margin: float = 0.0,
 ) -> np.ndarray:
     """Map a working-size result back onto the original photograph's geometry.
 
@@ -562,6 +415,11 @@ def from_working(
         original: ``[H, W, C]`` uint8 original photograph (``C`` = result channels for ``resize``).
         working_input: ``[S, S, C]`` uint8 working image the result was computed from; recomputed with
             :func:`to_working` when omitted (``transfer`` only).
+        area: the photographed part of the frame (a FOV estimate); the result is blended in only
+            there, so where the circle runs past the picture (elliptical or clipped fields) the
+            original pixels stay.
+        rim_margin: shrink the blending disk by this many original pixels (vessel maps: the model
+            answers the step at the rim of the zero-padded working image with a false vessel).
         method: ``"resize"`` upsamples the result; ``"transfer"`` carries the enhancement over to native
             resolution: a local gain (guided-filter coefficients, fitted between ``working_input`` and
             ``result`` in 17×17 windows at 512²) is upsampled and applied to the native original, and
@@ -589,7 +447,7 @@ def from_working(
     flat = result.ndim == 2
     channels = 1 if flat else result.shape[2]
     same_channels = original.ndim == 3 and original.shape[2] == channels
-    roi, weight = _roi_soft_disk(crop)
+    roi, weight = _roisoft_disk(crop, area, rim_margin)
 
     if channels == 1 or method == "resize" or not same_channels:
         # out = base · (1 − w) + mapped · w  =  base + w · (mapped − base)

@@ -12,8 +12,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from model.fov import FovNotFound, SquareCrop, detect_fov
-from model.restore import MappingMethod, WorkingView, enhanced_to_input, vessels_to_input, working_view
+from model.fov import FovNotFound, SquareCrop
+from model.fov_detect import FovEstimate, estimate_fov
+from model.restore import (
+    FovMode,
+    MappingMethod,
+    WorkingView,
+    enhanced_to_input,
+    vessels_to_input,
+    working_view,
+)
 from service.codecs import CodecRegistry, DecodedImage, ImageTooLarge, UndecodableImage
 from service.errors import ApiError
 from service.upload import Upload
@@ -84,13 +92,24 @@ def decode_upload(registry: CodecRegistry, upload: Upload, *, max_pixels: int, m
     return decoded
 
 
-def prepare(decoded: DecodedImage, working_size: int) -> Prepared:
-    """Find the field of view and cut the square working-size crop; 422 when there is no fundus."""
+def prepare(decoded: DecodedImage, working_size: int, fov: FovMode = "auto") -> Prepared:
+    """Find the field of view (or take the whole frame for ``fov=full``) and cut the working crop.
+
+    Only an image that is clearly not a fundus photograph is refused (422 ``no_fundus``); an
+    uncertain field of view falls back to the bright region or the whole frame.
+    """
     try:
-        view = working_view(decoded.pixels, working_size)
+        view = working_view(decoded.pixels, working_size, fov)
     except FovNotFound as exc:
-        raise ApiError(422, "no_fundus", f"no fundus field of view found in the image: {exc}") from None
+        raise ApiError(422, "no_fundus", f"not usable as a fundus photograph: {exc}") from None
     return Prepared(decoded=decoded, view=view)
+
+
+def fov_headers(estimate: FovEstimate | None) -> dict[str, str]:
+    """``X-FOV`` (fitted | fallback | full | none) and ``X-FOV-Confidence`` for a response."""
+    if estimate is None:
+        return {"X-FOV": "none"}
+    return {"X-FOV": estimate.method, "X-FOV-Confidence": f"{estimate.confidence:.2f}"}
 
 
 def restore_enhanced(
@@ -116,32 +135,36 @@ def restore_vessels(
 
 
 def degrade(
-    decoded: DecodedImage, *, seed: int, types: list[str] | None, mode: str
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Cofe-Net degradation of the whole image at its own resolution; returns uint8 [H, W, 3] and params."""
+    decoded: DecodedImage, *, seed: int, types: list[str] | None, mode: str, fov: FovMode = "auto"
+) -> tuple[np.ndarray, dict[str, Any], FovEstimate | None]:
+    """Cofe-Net degradation of the whole image at its own resolution.
+
+    The degradation is confined to the field of view (the same estimate the model endpoints use);
+    an image without one is degraded over the whole frame. Returns (uint8 [H, W, 3], parameters,
+    the FOV estimate or None).
+    """
     import torch
 
     from model.degradation import degrade_image
 
     tensor = torch.from_numpy(np.ascontiguousarray(decoded.pixels.transpose(2, 0, 1))).float().div_(255.0)
-    fov = _fov_tensor(decoded.pixels)
     try:
-        degraded, params = degrade_image(tensor, fov, seed, types=types, mode=mode)
+        estimate: FovEstimate | None = estimate_fov(decoded.pixels, fov)
+    except FovNotFound:
+        estimate = None
+    mask = None
+    if estimate is not None and estimate.method != "full":
+        mask = torch.from_numpy(estimate.mask())[None]
+    try:
+        degraded, params = degrade_image(tensor, mask, seed, types=types, mode=mode)
     except ValueError as exc:
         raise ApiError(400, "bad_request", f"invalid degradation request: {exc}") from None
     out = (degraded.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-    return out, params
-
-
-def _fov_tensor(pixels: np.ndarray) -> Any:
-    """[1, H, W] float FOV mask for the degradation model, or None when no FOV is found."""
-    import torch
-
-    from model.fov import fov_mask
-
-    try:
-        circle = detect_fov(pixels)
-    except FovNotFound:
-        return None
-    mask = fov_mask(pixels.shape[0], pixels.shape[1], circle)
-    return torch.from_numpy(np.asarray(mask, dtype=np.float32)).reshape(1, *pixels.shape[:2])
+    if mask is not None:
+        # The degradation comes out multiplied by the mask; add the input back outside the field of
+        # view (and in proportion on its soft rim), so only the fundus is degraded.
+        weight = mask[0].numpy()
+        rim = weight < 1.0
+        kept = decoded.pixels[rim] * (1.0 - weight[rim])[:, None] + out[rim]
+        out[rim] = np.clip(kept + 0.5, 0, 255).astype(np.uint8)
+    return out, params, estimate

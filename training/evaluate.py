@@ -36,7 +36,8 @@ import torch
 from model.artifact import load_artifact
 from model.degradation import degrade_image
 from model.device import select_device
-from model.fov import FovNotFound, detect_fov, fov_mask, to_working
+from model.fov import FovNotFound, fov_mask, to_working
+from model.fov_detect import detect_fov
 from model.restore import enhanced_to_input, working_view
 from training.metrics import psnr, ssim, vessel_metrics
 from training.prepare import make_working, read_mask, read_rgb

@@ -16,7 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from model.fov import FovCircle, FovNotFound, detect_fov, plan_crop, to_working, working_fov_mask
+from model.fov import FovCircle, FovNotFound, plan_crop, to_working, working_fov_mask
+from model.fov_detect import estimate_fov
 from training.sources import ImageRecord
 
 
@@ -59,13 +60,13 @@ def _warp_mask(mask: np.ndarray, crop: object, shape: tuple[int, int]) -> np.nda
 
 
 def find_fov(image: np.ndarray) -> FovCircle:
-    """The detected FOV circle, or the image's inscribed circle when no disk is found.
+    """The FOV circle the service would use (fitted or fallback), or the inscribed circle.
 
-    Some real low-quality photographs (very dark, or squeezed to an ellipse) defeat the detector;
-    they are still usable, and the inscribed circle keeps their centre.
+    The data sets hold fundus photographs only, so an image the detector would refuse (very dark,
+    say) is still used, with the inscribed circle keeping its centre.
     """
     try:
-        return detect_fov(image)
+        return estimate_fov(image).circle
     except FovNotFound:
         h, w = image.shape[:2]
         return FovCircle(cx=(w - 1) / 2, cy=(h - 1) / 2, radius=min(h, w) / 2)

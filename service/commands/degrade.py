@@ -72,7 +72,8 @@ def degrade_file(
     import torch
 
     from model.degradation import degrade_image
-    from model.fov import FovNotFound, detect_fov, plan_crop, to_working, working_fov_mask
+    from model.fov import FovNotFound, plan_crop, to_working, working_fov_mask
+    from model.fov_detect import detect_fov
 
     rgb = _read_rgb(source)
     try:

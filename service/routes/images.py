@@ -18,10 +18,19 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
 
+from model.fov_detect import FovEstimate
 from service.auth import require_api_key
 from service.codecs import Codec, CodecError, CodecRegistry, DecodedImage, EncodeContext
 from service.errors import ApiError
-from service.imaging import Prepared, decode_upload, degrade, prepare, restore_enhanced, restore_vessels
+from service.imaging import (
+    Prepared,
+    decode_upload,
+    degrade,
+    fov_headers,
+    prepare,
+    restore_enhanced,
+    restore_vessels,
+)
 from service.logging import current_request_id
 from service.queue.base import BackendUnavailable, InferenceQueue, Job, JobResult, Task
 from service.queue.embedded import EmbeddedQueue
@@ -47,6 +56,13 @@ StoreQuery = Annotated[
 ReportQuery = Annotated[
     Literal["file", "json"],
     Query(description="`file`: the result is the body; `json`: a JSON report of the PACS store"),
+]
+FovQuery = Annotated[
+    Literal["auto", "full"],
+    Query(
+        description="`auto`: find the field of view (the answer says how in `X-FOV`: `fitted`, or "
+        "`fallback` when uncertain); `full`: skip detection and use the whole frame"
+    ),
 ]
 OutputSizeQuery = Annotated[
     OutputSizeParam,
@@ -127,7 +143,7 @@ def _server_timing(**durations_s: float) -> str:
     return ", ".join(f"{name};dur={seconds * 1000.0:.1f}" for name, seconds in durations_s.items())
 
 
-async def _decode_prepare(state: ServiceState, request: Request) -> Prepared:
+async def _decode_prepare(state: ServiceState, request: Request, fov: str) -> Prepared:
     upload = await read_upload(request, state.settings.max_upload_bytes)
     assert state.info is not None
     working_size = state.info.working_size
@@ -136,7 +152,7 @@ async def _decode_prepare(state: ServiceState, request: Request) -> Prepared:
         decoded = decode_upload(
             state.codecs, upload, max_pixels=state.settings.max_pixels, min_side=state.settings.min_image_side
         )
-        return prepare(decoded, working_size)
+        return prepare(decoded, working_size, fov)  # type: ignore[arg-type]
 
     return await state.cpu(work)
 
@@ -205,6 +221,7 @@ async def _model_request(
     threshold: float | None = None,
     store: bool | None = None,
     report: str = "file",
+    fov: str = "auto",
 ) -> Response:
     state = get_state(request)
     if state.queue is None or state.info is None or not state.ready:
@@ -220,7 +237,7 @@ async def _model_request(
         queue.announce(request_id)
     try:
         clock = time.perf_counter()
-        prepared = await _decode_prepare(state, request)
+        prepared = await _decode_prepare(state, request, fov)
         default_format = _default_format(state.codecs, prepared.decoded)
         codec = choose_output_codec(state.codecs, fmt, request.headers.get("accept"), default_format)
         preprocess_s = time.perf_counter() - clock
@@ -270,7 +287,11 @@ async def _model_request(
     timing = _server_timing(
         queue=result.queue_seconds, inference=result.inference_seconds, pre=preprocess_s, post=postprocess_s
     )
-    headers = {"Server-Timing": timing, "X-Batch-Size": str(result.batch_size)}
+    headers = {
+        "Server-Timing": timing,
+        "X-Batch-Size": str(result.batch_size),
+        **fov_headers(prepared.view.fov),
+    }
     return await _deliver(state, body, codec, headers, store, report)
 
 
@@ -287,9 +308,12 @@ async def enhance(
     output_size: OutputSizeQuery = "original",
     store: StoreQuery = None,
     report: ReportQuery = "file",
+    fov: FovQuery = "auto",
 ) -> Response:
-    _reject_unknown_query(request, {"format", "output_size", "store", "report"})
-    return await _model_request(request, Task.ENHANCE, format, output_size, store=store, report=report)
+    _reject_unknown_query(request, {"format", "output_size", "store", "report", "fov"})
+    return await _model_request(
+        request, Task.ENHANCE, format, output_size, store=store, report=report, fov=fov
+    )
 
 
 @router.post(
@@ -310,10 +334,11 @@ async def segment(
     ] = None,
     store: StoreQuery = None,
     report: ReportQuery = "file",
+    fov: FovQuery = "auto",
 ) -> Response:
-    _reject_unknown_query(request, {"format", "output_size", "threshold", "store", "report"})
+    _reject_unknown_query(request, {"format", "output_size", "threshold", "store", "report", "fov"})
     return await _model_request(
-        request, Task.SEGMENT, format, output_size, threshold, store=store, report=report
+        request, Task.SEGMENT, format, output_size, threshold, store=store, report=report, fov=fov
     )
 
 
@@ -366,8 +391,9 @@ async def degrade_endpoint(
     format: FormatQuery = None,
     store: StoreQuery = None,
     report: ReportQuery = "file",
+    fov: FovQuery = "auto",
 ) -> Response:
-    _reject_unknown_query(request, {"seed", "types", "mode", "format", "store", "report"})
+    _reject_unknown_query(request, {"seed", "types", "mode", "format", "store", "report", "fov"})
     state = get_state(request)
     _check_store(state, store, report)
     chosen_types = parse_types(types)
@@ -375,14 +401,14 @@ async def degrade_endpoint(
     upload = await read_upload(request, state.settings.max_upload_bytes)
     clock = time.perf_counter()
 
-    def work() -> tuple[DecodedImage, np.ndarray, dict[str, Any]]:
+    def work() -> tuple[DecodedImage, np.ndarray, dict[str, Any], FovEstimate | None]:
         decoded = decode_upload(
             state.codecs, upload, max_pixels=state.settings.max_pixels, min_side=state.settings.min_image_side
         )
-        pixels, params = degrade(decoded, seed=used_seed, types=chosen_types, mode=mode)
-        return decoded, pixels, params
+        pixels, params, estimate = degrade(decoded, seed=used_seed, types=chosen_types, mode=mode, fov=fov)
+        return decoded, pixels, params, estimate
 
-    decoded, pixels, params = await state.cpu(work)
+    decoded, pixels, params, estimate = await state.cpu(work)
     codec = choose_output_codec(
         state.codecs, format, request.headers.get("accept"), _default_format(state.codecs, decoded)
     )
@@ -397,5 +423,6 @@ async def degrade_endpoint(
     headers = {
         "X-Degradation-Params": _params_header(params),
         "Server-Timing": _server_timing(degrade=time.perf_counter() - clock),
+        **fov_headers(estimate),
     }
     return await _deliver(state, body, codec, headers, store, report)

@@ -14,13 +14,13 @@ from model.fov import (
     FovCircle,
     FovNotFound,
     SquareCrop,
-    detect_fov,
     fov_mask,
     from_working,
     plan_crop,
     to_working,
     working_fov_mask,
 )
+from model.fov_detect import detect_fov
 
 
 def _read(path: Path) -> np.ndarray:

@@ -11,7 +11,8 @@ from PIL import Image
 
 from model.artifact import BUNDLED_WEIGHTS, load_artifact
 from model.degradation import degrade_image
-from model.fov import detect_fov, plan_crop, to_working, working_fov_mask
+from model.fov import plan_crop, to_working, working_fov_mask
+from model.fov_detect import detect_fov
 
 
 def fov_psnr(pred: torch.Tensor, target: torch.Tensor, inside: torch.Tensor) -> float:
