@@ -1,6 +1,7 @@
 """``fundus train rsp|pseudo-masks|enhance`` and ``fundus eval`` (registered through entry points).
 
 Examples:
+    fundus train all --config training/configs/gpu.yaml --max-minutes 9
     fundus train rsp --config training/configs/cpu.yaml
     fundus train pseudo-masks --config training/configs/cpu.yaml
     fundus train enhance --config training/configs/cpu.yaml --max-minutes 60
@@ -18,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-PHASES = ("rsp", "pseudo-masks", "segmenter", "enhance")
+PHASES = ("rsp", "pseudo-masks", "segmenter", "enhance", "all")
 
 
 def _setup_logging() -> None:
@@ -27,19 +28,22 @@ def _setup_logging() -> None:
 
 def register_train(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train`` with one sub-command per phase."""
-    parser = subparsers.add_parser("train", help="training phases: rsp, pseudo-masks, enhance")
+    parser = subparsers.add_parser(
+        "train", help="training phases: rsp, pseudo-masks, segmenter, enhance, or all of them"
+    )
     phases = parser.add_subparsers(dest="phase", required=True, metavar="PHASE")
     helps = {
         "rsp": "phase 1: pretrain the vessel (RSP) branch on manual masks",
         "pseudo-masks": "segment clean images without manual masks with the pretrained vessel branch",
         "segmenter": "independent vessel segmenter on clean photographs only (for evaluation)",
         "enhance": "phase 2: mean-teacher T-MAGE-Net training; exports the teacher artifact",
+        "all": "every phase in order, then the evaluation and the model-card tables (resumable)",
     }
     for phase in PHASES:
         sub = phases.add_parser(phase, help=helps[phase])
         sub.add_argument(
             "--config",
-            required=phase == "pseudo-masks",
+            required=phase in ("pseudo-masks", "all"),
             help="YAML run config (training/configs/*.yaml); with --resume the checkpoint's config is used",
         )
         sub.add_argument(
@@ -50,25 +54,38 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
             metavar="KEY=VALUE",
             help="override a config value, e.g. --set enhance.steps=500 (repeatable)",
         )
-        if phase != "pseudo-masks":
+        if phase not in ("pseudo-masks", "all"):
             sub.add_argument(
                 "--resume",
                 metavar="DIR",
                 help="continue the run in DIR from its checkpoint, with the config saved there "
                 "(plus any --set, e.g. --set enhance.steps=4000 to extend it)",
             )
+        if phase != "pseudo-masks":
             sub.add_argument(
                 "--max-minutes",
                 type=float,
                 default=0.0,
                 help="checkpoint and exit cleanly after this many minutes (0 = no limit)",
             )
+        if phase not in ("pseudo-masks", "all"):
             sub.add_argument(
                 "--stop-at",
                 type=int,
                 default=0,
                 help="checkpoint and exit once this step is reached (0 = run to the end)",
             )
+        if phase == "all":
+            sub.add_argument("--data", help="data root for the evaluation (default: data.root of the config)")
+            sub.add_argument("--eval-limit", type=int, default=0, help="evaluate at most N images per group")
+            sub.add_argument(
+                "--native-max-side",
+                type=int,
+                default=0,
+                help="cap the native evaluation size (0 = as stored)",
+            )
+            sub.set_defaults(func=run_train)
+            continue
         sub.add_argument(
             "--run-dir",
             help="phase folder (default runs/<run.name>/<phase>); for pseudo-masks the mask folder "
@@ -101,7 +118,17 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     summary: dict[str, Any]
     try:
-        if args.phase == "rsp":
+        if args.phase == "all":
+            from training.pipeline import run_all
+
+            summary = run_all(
+                config,
+                max_minutes=args.max_minutes,
+                data=args.data,
+                eval_limit=args.eval_limit,
+                native_max_side=args.native_max_side,
+            )
+        elif args.phase == "rsp":
             from training.phase_rsp import train_rsp
 
             summary = train_rsp(

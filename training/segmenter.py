@@ -53,9 +53,7 @@ class SegmenterNet(nn.Module):
         super().__init__()
         self.width = width
         widths = [width * 2**i for i in range(LEVELS)]
-        self.encoders = nn.ModuleList(
-            _pair(3 if i == 0 else widths[i - 1], widths[i]) for i in range(LEVELS)
-        )
+        self.encoders = nn.ModuleList(_pair(3 if i == 0 else widths[i - 1], widths[i]) for i in range(LEVELS))
         self.decoders = nn.ModuleList(
             _pair(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(LEVELS - 1))
         )
