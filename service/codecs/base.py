@@ -30,6 +30,10 @@ class ImageTooLarge(CodecError):
     """The header announces more pixels than allowed (→ 413); raised before decoding the pixels."""
 
 
+#: Pillow modes of single-channel (gray) images.
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
 @dataclass
 class DecodedImage:
     """An upload after decoding.
@@ -40,6 +44,8 @@ class DecodedImage:
         mode: the stored pixel mode, e.g. ``RGB``, ``L``, ``I;16``, ``RGBA``, ``CMYK``.
         bit_depth: bits per sample as stored (8 or 16 usually).
         source: format-specific object needed to encode the answer (e.g. a DICOM dataset), else None.
+        samples16: the stored 16-bit samples, uint16 [H, W] (gray) or [H, W, 3] (RGB), when the
+            upload had more than 8 bits per sample; answers are given back at that depth.
     """
 
     pixels: np.ndarray
@@ -47,6 +53,12 @@ class DecodedImage:
     mode: str
     bit_depth: int
     source: Any = None
+    samples16: np.ndarray | None = None
+
+    @property
+    def gray(self) -> bool:
+        """Stored with one colour channel (gray or gray + alpha): answers are gray too."""
+        return self.mode in GRAY_MODES or (self.samples16 is not None and self.samples16.ndim == 2)
 
     @property
     def width(self) -> int:

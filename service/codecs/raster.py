@@ -1,6 +1,8 @@
-"""PNG, JPEG and TIFF through Pillow: any stored mode in, 8-bit RGB out; 8-bit RGB or gray back.
+"""PNG, JPEG and TIFF through Pillow: any stored mode in, 8-bit RGB for the model; answers back in the
+input's layout (gray or RGB) and, for PNG and TIFF, its depth (8 or 16 bits).
 
-Conversions on decode: 16-bit samples are rescaled to 8 bits (not truncated), gray is replicated to
+Conversions on decode: 16-bit samples are rescaled to 8 bits for the model (not truncated) and also
+kept at full depth (``DecodedImage.samples16``), gray is replicated to
 three channels, alpha is composited on black (the fundus background), CMYK and palette images go
 through Pillow's converters, and the EXIF orientation tag is applied so pixels are upright. PNG answers
 are written through OpenCV's libpng with fast compression settings (the encode sits on every request's
@@ -15,6 +17,7 @@ import warnings
 
 import cv2
 import numpy as np
+import tifffile
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.codecs.base import Codec, DecodedImage, EncodeContext, ImageTooLarge, UndecodableImage
@@ -48,6 +51,14 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     if int(wide.max(initial=0)) <= 255 and values.dtype.itemsize > 2:
         return np.clip(wide, 0, 255).astype(np.uint8)
     return ((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _eight_bit(pixels: np.ndarray) -> np.ndarray:
+    """uint8 samples for 8-bit-only formats (JPEG): 16-bit answers are rounded down to 8 bits."""
+    array = np.asarray(pixels)
+    if array.dtype == np.uint16:
+        return ((array.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    return np.ascontiguousarray(array, dtype=np.uint8)
 
 
 def _rgb_pixels(image: Image.Image) -> np.ndarray:
@@ -104,13 +115,40 @@ class PillowCodec(Codec):
             raise ImageTooLarge("image dimensions exceed the pixel limit") from exc
         except (*_DECODE_ERRORS, KeyError, TypeError) as exc:
             raise UndecodableImage(f"{self.format_name.upper()} data is truncated or corrupt") from exc
-        return DecodedImage(pixels=pixels, media_type=self.media_type, mode=mode, bit_depth=depth)
+        samples16 = self._samples16(data, pixels.shape[:2]) if depth > 8 else None
+        return DecodedImage(
+            pixels=pixels, media_type=self.media_type, mode=mode, bit_depth=depth, samples16=samples16
+        )
+
+    def _read_wide(self, data: bytes) -> np.ndarray | None:
+        """The stored samples at full depth (any layout), or None when the format has no wide path."""
+        return None
+
+    def _samples16(self, data: bytes, shape: tuple[int, ...]) -> np.ndarray | None:
+        """uint16 [H, W] or [H, W, 3] RGB samples of a 16-bit upload, alpha composited on black."""
+        try:
+            wide = self._read_wide(data)
+        except (*_DECODE_ERRORS, KeyError, TypeError, RuntimeError) as exc:
+            raise UndecodableImage(f"{self.format_name.upper()} 16-bit data is truncated or corrupt") from exc
+        if wide is None or wide.dtype != np.uint16:
+            return None
+        if wide.ndim == 3 and wide.shape[2] in (2, 4):  # gray or colour with alpha
+            alpha = wide[:, :, -1:].astype(np.uint32)
+            wide = ((wide[:, :, :-1].astype(np.uint32) * alpha + 32767) // 65535).astype(np.uint16)
+        if wide.ndim == 3 and wide.shape[2] == 1:
+            wide = wide[:, :, 0]
+        if wide.shape[:2] != tuple(shape) or (wide.ndim == 3 and wide.shape[2] != 3):
+            raise UndecodableImage(
+                f"16-bit {self.format_name.upper()} with this layout or orientation is not supported; "
+                "send it with 8 bits per sample"
+            )
+        return np.ascontiguousarray(wide)
 
     def _save_options(self) -> dict[str, object]:
         return {}
 
     def encode(self, pixels: np.ndarray, *, original: DecodedImage | None, context: EncodeContext) -> bytes:
-        array = np.ascontiguousarray(pixels, dtype=np.uint8)
+        array = _eight_bit(pixels)
         if array.ndim == 3 and array.shape[2] == 1:
             array = array[:, :, 0]
         buffer = io.BytesIO()
@@ -134,12 +172,30 @@ class PngCodec(PillowCodec):
     def _save_options(self) -> dict[str, object]:
         return {"compress_level": 1}
 
+    def _read_wide(self, data: bytes) -> np.ndarray | None:
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if decoded is None:
+            raise ValueError("libpng could not read the 16-bit samples")
+        if decoded.ndim == 3:
+            order = cv2.COLOR_BGRA2RGBA if decoded.shape[2] == 4 else cv2.COLOR_BGR2RGB
+            decoded = cv2.cvtColor(decoded, order) if decoded.shape[2] in (3, 4) else decoded
+        return decoded
+
     def encode(self, pixels: np.ndarray, *, original: DecodedImage | None, context: EncodeContext) -> bytes:
-        """8-bit gray or RGB PNG through OpenCV's libpng: fast zlib settings, same pixels as Pillow.
+        """Gray or RGB PNG, 8 or 16 bits, through OpenCV's libpng: fast zlib settings, same pixels as
+        Pillow.
 
         The "up" row filter with run-length zlib at level 1 writes a 512² fundus image several times
         faster than Pillow's adaptive filtering, at about the same size. Other layouts use Pillow.
         """
+        if np.asarray(pixels).dtype == np.uint16:
+            array = np.ascontiguousarray(pixels)
+            if array.ndim == 3:
+                array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+            ok, encoded = cv2.imencode(".png", array, _PNG_PARAMS)
+            if not ok:
+                raise ValueError("libpng could not write the 16-bit image")
+            return encoded.tobytes()
         array = np.ascontiguousarray(pixels, dtype=np.uint8)
         if array.ndim == 3 and array.shape[2] == 1:
             array = array[:, :, 0]
@@ -185,3 +241,16 @@ class TiffCodec(PillowCodec):
 
     def _save_options(self) -> dict[str, object]:
         return {"compression": "tiff_deflate"}
+
+    def _read_wide(self, data: bytes) -> np.ndarray | None:
+        return np.asarray(tifffile.imread(io.BytesIO(data), key=0))
+
+    def encode(self, pixels: np.ndarray, *, original: DecodedImage | None, context: EncodeContext) -> bytes:
+        """8-bit through Pillow; 16-bit (gray or RGB) through tifffile, deflate-compressed."""
+        array = np.asarray(pixels)
+        if array.dtype != np.uint16:
+            return super().encode(pixels, original=original, context=context)
+        buffer = io.BytesIO()
+        photometric = "rgb" if array.ndim == 3 else "minisblack"
+        tifffile.imwrite(buffer, np.ascontiguousarray(array), photometric=photometric, compression="zlib")
+        return buffer.getvalue()

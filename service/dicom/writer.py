@@ -59,6 +59,9 @@ TRANSFER_SYNTAXES: dict[str, UID] = {"explicit": ExplicitVRLittleEndian, "jpeg":
 DerivedKind = Literal["enhanced", "degraded"]
 _SERIES_LABELS: dict[str, str] = {"enhanced": "Enhanced", "degraded": "Synthetically degraded"}
 _SERIES_OFFSETS: dict[str, int] = {"enhanced": 1000, "degraded": 3000}
+#: ImageType values 3 and 4 of a synthetically degraded copy, and its series description.
+SYNTHETIC_IMAGE_TYPE = ["SYNTHETIC", "DEGRADED"]
+SYNTHETIC_SERIES_DESCRIPTION = "SYNTHETIC TEST DATA - degraded copy, not for diagnosis"
 _LOSSY_SOURCE_SYNTAXES = {JPEGBaseline8Bit, JPEGExtended12Bit}
 
 
@@ -147,7 +150,10 @@ def write_enhanced(
     derived.Modality = str(source.get("Modality", "") or "OT")
     derived.SeriesInstanceUID = derived_series_uid(source, kind, provenance)
     derived.SeriesNumber = derived_series_number(source, _SERIES_OFFSETS[kind])
-    derived.SeriesDescription = f"{label} ({provenance.algorithm_name})"[:64]
+    # A degraded copy is synthetic test data: say so where every PACS viewer shows it.
+    derived.SeriesDescription = (
+        SYNTHETIC_SERIES_DESCRIPTION if kind == "degraded" else f"{label} ({provenance.algorithm_name})"[:64]
+    )
     derived.SeriesDate = moment.strftime("%Y%m%d")
     derived.SeriesTime = moment.strftime("%H%M%S")
     # Type 2C for a paired organ: the eye's side, or empty when the source does not say.
@@ -168,7 +174,7 @@ def write_enhanced(
     derived.PatientOrientation = source.get("PatientOrientation", None) or None
     derived.ContentDate = moment.strftime("%Y%m%d")
     derived.ContentTime = moment.strftime("%H%M%S")
-    derived.ImageType = ["DERIVED", "SECONDARY"]
+    derived.ImageType = ["DERIVED", "SECONDARY", *(SYNTHETIC_IMAGE_TYPE if kind == "degraded" else [])]
     derived.DerivationDescription = description[:1024]
     resampled = image.shape[:2] != (int(source.get("Rows", 0) or 0), int(source.get("Columns", 0) or 0))
     codes = [code_item("110001", "DCM", "Image Processing")]

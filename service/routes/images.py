@@ -22,6 +22,7 @@ from model.fov_detect import FovEstimate
 from service.auth import require_api_key
 from service.codecs import Codec, CodecError, CodecRegistry, DecodedImage, EncodeContext
 from service.errors import ApiError
+from service.fidelity import in_input_format
 from service.imaging import (
     Prepared,
     decode_upload,
@@ -52,6 +53,13 @@ FormatQuery = Annotated[
 StoreQuery = Annotated[
     bool | None,
     Query(description="push a DICOM answer to the PACS (FUNDUS_DICOMWEB_URL); default: when one is set"),
+]
+DegradeStoreQuery = Annotated[
+    bool | None,
+    Query(
+        description="push the degraded DICOM to the PACS; only when true (synthetic test data never goes "
+        "to an archive by default)"
+    ),
 ]
 ReportQuery = Annotated[
     Literal["file", "json"],
@@ -265,11 +273,14 @@ async def _model_request(
     def finish() -> bytes:
         if task is Task.ENHANCE:
             assert result.image is not None
-            pixels = restore_enhanced(
-                prepared,
-                result.image,
-                output_size=output_size,  # type: ignore[arg-type]
-                method=state.settings.output_method,
+            pixels = in_input_format(
+                prepared.decoded,
+                restore_enhanced(
+                    prepared,
+                    result.image,
+                    output_size=output_size,  # type: ignore[arg-type]
+                    method=state.settings.output_method,
+                ),
             )
         else:
             assert result.vessels is not None
@@ -389,11 +400,13 @@ async def degrade_endpoint(
         Literal["cofe", "paper"], Query(description="parameter ranges: Cofe-Net or the paper")
     ] = "cofe",
     format: FormatQuery = None,
-    store: StoreQuery = None,
+    store: DegradeStoreQuery = None,
     report: ReportQuery = "file",
     fov: FovQuery = "auto",
 ) -> Response:
     _reject_unknown_query(request, {"seed", "types", "mode", "format", "store", "report", "fov"})
+    # A degraded copy reaches a PACS only when asked for explicitly, never by default.
+    store = bool(store)
     state = get_state(request)
     _check_store(state, store, report)
     chosen_types = parse_types(types)
@@ -406,7 +419,7 @@ async def degrade_endpoint(
             state.codecs, upload, max_pixels=state.settings.max_pixels, min_side=state.settings.min_image_side
         )
         pixels, params, estimate = degrade(decoded, seed=used_seed, types=chosen_types, mode=mode, fov=fov)
-        return decoded, pixels, params, estimate
+        return decoded, in_input_format(decoded, pixels), params, estimate
 
     decoded, pixels, params, estimate = await state.cpu(work)
     codec = choose_output_codec(

@@ -252,3 +252,38 @@ def test_enhance_store_with_pacs_down_is_502_with_result(tiny_artifact: Path, fu
         assert pydicom.dcmread(io.BytesIO(vessels.content)).SOPClassUID == SegmentationStorage
         refused = _post(app_client, "/enhance", upload, store="true", format="png")
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "store_needs_dicom"
+
+
+@pytest.mark.integration
+def test_degrade_never_reaches_the_pacs_by_default_and_is_flagged_synthetic(
+    tiny_artifact: Path, orthanc: OrthancServer, fundus_rgb: np.ndarray
+) -> None:
+    """With FUNDUS_DICOMWEB_URL set, /enhance stores by default but /degrade does not: a degraded copy
+    goes to the archive only with store=true, in its own series, marked as synthetic test data."""
+    settings = _settings(tiny_artifact, dicomweb_url=orthanc.dicomweb_root)
+    upload = make_dicom(fundus_rgb, Variant("op", "RGB", "raw"))
+
+    def series_in_study() -> set[str]:
+        found = httpx.get(
+            f"{orthanc.dicomweb_root}/studies/{STUDY_UID}/series",
+            headers={"Accept": "application/dicom+json"},
+        )
+        return {item["0020000E"]["Value"][0] for item in found.json()} if found.content else set()
+
+    with TestClient(create_app(settings)) as app_client:
+        before = series_in_study()
+        response = _post(app_client, "/degrade", upload, seed="4")
+        assert response.status_code == 200 and STORE_HEADER not in response.headers
+        degraded = pydicom.dcmread(io.BytesIO(response.content))
+        assert list(degraded.ImageType)[:4] == ["DERIVED", "SECONDARY", "SYNTHETIC", "DEGRADED"]
+        assert degraded.SeriesDescription.startswith("SYNTHETIC TEST DATA")
+        assert series_in_study() == before  # nothing reached the PACS
+        stored = _post(app_client, "/degrade", upload, seed="4", store="true")
+        assert stored.status_code == 200 and stored.headers[STORE_HEADER].startswith("stored;")
+        copy = pydicom.dcmread(io.BytesIO(stored.content))
+        assert copy.SeriesInstanceUID not in before and copy.SeriesInstanceUID != upload_series(upload)
+        assert series_in_study() == before | {copy.SeriesInstanceUID}
+
+
+def upload_series(data: bytes) -> str:
+    return str(pydicom.dcmread(io.BytesIO(data)).SeriesInstanceUID)
