@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.artifact import BUNDLED_WEIGHTS
@@ -25,6 +26,11 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     redis_url: str | None = Field(
         default=None, description="use the Redis Streams queue instead of the embedded one"
+    )
+    redis_password: SecretStr | None = Field(
+        default=None,
+        description="Redis password, any characters (kept out of FUNDUS_REDIS_URL, where '/', '@' or "
+        "'#' would have to be percent-encoded)",
     )
     redis_stream_prefix: str = Field(
         default="fundus", description="prefix of every Redis key (shared with workers)"
@@ -79,12 +85,28 @@ class Settings(BaseSettings):
         return [key.strip() for key in self.api_keys.split(",") if key.strip()]
 
     @property
+    def redis_connection_url(self) -> str | None:
+        """``redis_url`` with ``redis_password`` (percent-encoded) in place of any password it has."""
+        if not self.redis_url or self.redis_password is None:
+            return self.redis_url
+        return with_password(self.redis_url, self.redis_password.get_secret_value())
+
+    @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
     @property
     def cpu_threads(self) -> int:
         return self.cpu_workers or max(1, min(4, os.cpu_count() or 1))
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` percent-encoded into its user-info (redis-py decodes it again)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    user = quote(unquote(parts.username), safe="") if parts.username else ""
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def load_settings() -> Settings:

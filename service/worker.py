@@ -83,7 +83,10 @@ class WorkerSettings(Settings):
 
     worker_name: str | None = Field(default=None, description="consumer name; default host-pid-random")
     worker_metrics_port: int = Field(
-        default=9101, ge=0, le=65535, description="worker /metrics port; 0 = off"
+        default=-1,
+        ge=-1,
+        le=65535,
+        description="worker /metrics port; -1 = 9101 + the GPU index (next free one if taken), 0 = off",
     )
     worker_metrics_host: str = Field(default="0.0.0.0", description="bind address of the worker /metrics")
     redis_stream_prefix: str = Field(default=DEFAULT_PREFIX, description="prefix of every Redis key")
@@ -651,7 +654,7 @@ def worker_from_settings(
     if not settings.redis_url:
         raise ValueError("FUNDUS_REDIS_URL is required for a worker")
     return Worker(
-        settings.redis_url,
+        settings.redis_connection_url or settings.redis_url,
         run_batch,
         name=settings.worker_name,
         stream_prefix=settings.redis_stream_prefix,

@@ -41,7 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (FUNDUS_DEVICE)")
     parser.add_argument("--name", help="consumer name, unique per live worker (FUNDUS_WORKER_NAME)")
     parser.add_argument(
-        "--metrics-port", type=int, help="/metrics port, 0 = off (FUNDUS_WORKER_METRICS_PORT)"
+        "--metrics-port",
+        type=int,
+        help="/metrics port; -1 = 9101 + GPU index or the next free, 0 = off (FUNDUS_WORKER_METRICS_PORT)",
     )
     parser.add_argument("--max-batch-size", type=int, help="FUNDUS_MAX_BATCH_SIZE")
     parser.add_argument("--max-batch-wait-ms", type=float, help="FUNDUS_MAX_BATCH_WAIT_MS")
@@ -87,6 +89,32 @@ def build_worker(
     return worker_from_settings(settings, run_batch, device=device, model_version=artifact.version)
 
 
+#: Base port of worker metrics: worker on GPU N takes 9101 + N; automatic ports try this many more.
+AUTO_PORT = -1
+METRICS_BASE_PORT = 9101
+METRICS_PORT_TRIES = 32
+
+
+def metrics_port_for(device: str) -> int:
+    """9101 + the CUDA device index (``cuda:2`` → 9103); 9101 for the CPU and plain ``cuda``."""
+    _, _, index = device.partition(":")
+    return METRICS_BASE_PORT + (int(index) if index.isdigit() else 0)
+
+
+def serve_metrics(worker: Any, port: int, host: str) -> Any:
+    """Serve the worker's ``/metrics``: on ``port``, or (``port`` = -1) on the device's port or the
+    next free one above it, so several workers on one host never collide. Returns the server."""
+    if port != AUTO_PORT:
+        return worker.metrics.serve(port, host)
+    first = metrics_port_for(str(worker.device))
+    for candidate in range(first, first + METRICS_PORT_TRIES):
+        try:
+            return worker.metrics.serve(candidate, host)
+        except OSError:
+            continue
+    return worker.metrics.serve(0, host)  # any free port, logged
+
+
 def serve(settings: Any, *, wrap: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None) -> int:
     """Build, expose metrics, install signal handlers and run until SIGTERM; the process exit status."""
     from model.artifact import ArtifactError
@@ -103,11 +131,12 @@ def serve(settings: Any, *, wrap: Callable[[Callable[..., Any]], Callable[..., A
         return 2
     if settings.worker_metrics_port:
         try:
-            worker.metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
+            server = serve_metrics(worker, settings.worker_metrics_port, settings.worker_metrics_host)
         except OSError as exc:
             message = f"error: cannot serve metrics on port {settings.worker_metrics_port}: {exc}"
             print(message, file=sys.stderr)  # noqa: T201
             return 2
+        log.info("worker metrics", extra={"port": server.server_port})
     worker.install_signal_handlers()
     worker.run()
     return 0

@@ -166,7 +166,7 @@ class RedisQueue(InferenceQueue):
     ) -> None:
         if not isinstance(url, str):
             settings = url
-            url = settings.redis_url
+            url = getattr(settings, "redis_connection_url", None) or settings.redis_url
             max_queue = max_queue if max_queue is not None else settings.max_queue
             request_timeout_s = (
                 request_timeout_s if request_timeout_s is not None else settings.request_timeout_s

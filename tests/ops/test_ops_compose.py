@@ -264,3 +264,21 @@ def test_docker_compose_config_accepts_the_stack(variant: str, tmp_path: Path) -
                              check=False, cwd=tmp_path)
     assert refused.returncode != 0 and "is missing a value" in refused.stderr
     assert any(secret in refused.stderr for secret in ("REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD"))
+
+
+def test_api_is_loopback_only_unless_opened() -> None:
+    """Published on 127.0.0.1 by default (keys may be empty); FUNDUS_API_BIND opens it."""
+    closed = compose_model(BASE)["services"]["api"]["ports"]
+    assert all(str(port).startswith("127.0.0.1:") for port in closed), closed
+    opened = compose_model(BASE, env={**compose_environment(), "FUNDUS_API_BIND": "0.0.0.0"})
+    assert all(str(port).startswith("0.0.0.0:") for port in opened["services"]["api"]["ports"])
+
+
+def test_redis_password_is_not_inside_the_url() -> None:
+    """A base64 password with '/' would break redis://:<password>@host: it is passed on its own."""
+    env = {**compose_environment(), "REDIS_PASSWORD": "q0/Xy+Zt9/Lk=="}
+    services = compose_model(BASE, env=env)["services"]
+    for name in ("api", "worker"):
+        environment = services[name]["environment"]
+        assert "q0/Xy" not in environment["FUNDUS_REDIS_URL"], name
+        assert environment["FUNDUS_REDIS_PASSWORD"] == "q0/Xy+Zt9/Lk==", name

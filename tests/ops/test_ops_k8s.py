@@ -60,10 +60,16 @@ def test_validator_rejects_mistakes() -> None:
 def test_expected_objects_exist() -> None:
     objects = set(by_kind_and_name())
     expected = {
-        ("Deployment", "fundus-api"), ("Service", "fundus-api"), ("Deployment", "fundus-worker"),
-        ("ConfigMap", "fundus-config"), ("Secret", "fundus-secrets"),
-        ("HorizontalPodAutoscaler", "fundus-worker"), ("PodDisruptionBudget", "fundus-api"),
-        ("PodDisruptionBudget", "fundus-worker"), ("Deployment", "redis"), ("Service", "redis"),
+        ("Deployment", "fundus-api"),
+        ("Service", "fundus-api"),
+        ("Deployment", "fundus-worker"),
+        ("ConfigMap", "fundus-config"),
+        ("Secret", "fundus-secrets"),
+        ("HorizontalPodAutoscaler", "fundus-worker"),
+        ("PodDisruptionBudget", "fundus-api"),
+        ("PodDisruptionBudget", "fundus-worker"),
+        ("Deployment", "redis"),
+        ("Service", "redis"),
     }
     assert expected <= objects, expected - objects
 
@@ -96,8 +102,9 @@ def test_workers_request_a_gpu_and_scale_on_queue_wait() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     hpa = objects[("HorizontalPodAutoscaler", "fundus-worker")]["spec"]
     assert hpa["scaleTargetRef"]["name"] == "fundus-worker"
-    names = {metric["external"]["metric"]["name"]
-             for metric in hpa["metrics"] if metric["type"] == "External"}
+    names = {
+        metric["external"]["metric"]["name"] for metric in hpa["metrics"] if metric["type"] == "External"
+    }
     assert "fundus_queue_wait_seconds_mean" in names
     # The adapter rules publish exactly the metrics the HPA asks for.
     adapter = yaml.safe_load(objects[("ConfigMap", "prometheus-adapter-fundus")]["data"]["config.yaml"])
@@ -107,7 +114,12 @@ def test_workers_request_a_gpu_and_scale_on_queue_wait() -> None:
 
 def test_secret_example_holds_no_values() -> None:
     secret = by_kind_and_name()[("Secret", "fundus-secrets")]
-    assert set(secret["stringData"]) == {"REDIS_PASSWORD", "FUNDUS_REDIS_URL", "FUNDUS_API_KEYS"}
+    assert set(secret["stringData"]) == {
+        "REDIS_PASSWORD",
+        "FUNDUS_REDIS_PASSWORD",
+        "FUNDUS_REDIS_URL",
+        "FUNDUS_API_KEYS",
+    }
     assert all(value == "" for value in secret["stringData"].values())
     assert "data" not in secret
 

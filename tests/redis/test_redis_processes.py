@@ -219,3 +219,30 @@ def test_http_backpressure_gives_429_with_retry_after(
         refused = next(r for r in responses if r.status_code == 429)
         assert int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["code"] == "queue_full"
+
+
+def test_two_workers_on_one_host_get_their_own_metrics_ports(
+    redis_server: RedisServer, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """With the default (automatic) metrics port, a second worker on the same host does not exit with
+    "address already in use": it takes the next free port, and says which in its log."""
+    import json
+
+    first = WorkerProcess(redis_server.url, "first", tiny_artifact, tmp_path, metrics_port=-1)
+    second = WorkerProcess(redis_server.url, "second", tiny_artifact, tmp_path, metrics_port=-1)
+    with worker_processes(first, second):
+        wait_for_heartbeats(redis_server, first, second)
+
+        def port(worker: WorkerProcess) -> int | None:
+            for line in worker.log().splitlines():
+                record = json.loads(line) if line.startswith("{") else {}
+                if record.get("msg") == "worker metrics":
+                    return int(record["port"])
+            return None
+
+        ports = [wait_for(lambda w=w: port(w), 20, f"{w.name}'s metrics port") for w in (first, second)]
+        assert first.alive() and second.alive()
+        assert len(set(ports)) == 2 and all(p >= 9101 for p in ports), ports
+        for number in ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{number}/metrics", timeout=5) as response:
+                assert b"fundus_worker" in response.read()

@@ -14,7 +14,7 @@ from service.queue.base import BackendUnavailable, InferenceFailed, QueueError
 from service.queue.redis_protocol import GROUP, StreamNames
 from service.worker import Worker
 from tests.redis.conftest import RedisServer, wait_for
-from tests.redis.helpers import EchoRunner, SimulatedCrash, make_job, worker_thread
+from tests.redis.helpers import SIZE, EchoRunner, SimulatedCrash, make_job, worker_thread
 from tests.redis.test_redis_queue import make_queue, ready, wait_async
 
 NAMES = StreamNames("fundus")
@@ -230,5 +230,51 @@ def test_password_protected_redis(tmp_path: Any) -> None:
         with worker_thread(server.url, EchoRunner()):
             asyncio.run(scenario())
         wait_for(lambda: server.client().xlen(NAMES.requests) == 0, 5, "an empty stream")
+    finally:
+        server.stop()
+
+
+def test_a_base64_password_with_a_slash_works_through_the_password_setting(tmp_path: Any) -> None:
+    """A generated password like ``openssl rand -base64`` gives may hold '/', '+' and '=': inside
+    FUNDUS_REDIS_URL it breaks the URL; FUNDUS_REDIS_PASSWORD takes it as it is."""
+    import redis as redis_client
+
+    from service.queue.redis_backend import RedisQueue
+    from service.settings import Settings
+    from service.worker import WorkerSettings, worker_from_settings
+
+    password = "q0/Xy+Zt9/Lk=="
+    server = RedisServer(tmp_path, password=password)
+    server.start()
+    try:
+        raw = f"redis://:{password}@127.0.0.1:{server.port}/0"
+        with pytest.raises((ValueError, redis_client.exceptions.RedisError)):
+            redis_client.Redis.from_url(raw, socket_timeout=2).ping()
+        plain_url = f"redis://127.0.0.1:{server.port}/0"
+        settings = Settings(_env_file=None, redis_url=plain_url, redis_password=password)  # type: ignore[call-arg]
+        worker_settings = WorkerSettings(
+            _env_file=None,
+            redis_url=plain_url,
+            redis_password=password,
+            max_batch_wait_ms=5.0,  # type: ignore[call-arg]
+        )
+        worker = worker_from_settings(worker_settings, EchoRunner(), device="cpu", model_version="test")
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+
+        async def scenario() -> None:
+            queue = RedisQueue(settings, working_size=SIZE, monitor_interval_s=0.1)
+            await queue.start()
+            try:
+                await wait_async(lambda: ready(queue), 10, "readiness with the password")
+                assert (await queue.submit(make_job("with-slash"))).image is not None
+            finally:
+                await queue.stop(1)
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            worker.stop()
+            thread.join(timeout=30)
     finally:
         server.stop()
