@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.artifact import ArtifactError, read_metadata
 from service.codecs import default_registry
+from service.docs import API_DESCRIPTION, install_offline_docs
 from service.errors import error_body, install_error_handlers, retry_after_header
 from service.logging import configure_logging, reset_request_id, set_request_id
 from service.metrics import Metrics, endpoint_label
@@ -38,6 +39,7 @@ log = logging.getLogger("fundus.app")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 IMAGE_PATHS = frozenset({"/enhance", "/segment", "/degrade"})
+HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 class StartupError(RuntimeError):
@@ -106,7 +108,10 @@ class RequestContextMiddleware:
             metrics.inflight.dec()
             metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
             metrics.request_duration.labels(endpoint=endpoint).observe(duration)
-            log.info(
+            # Health probes arrive every few seconds: at DEBUG unless they fail.
+            level = logging.DEBUG if path in HEALTH_PATHS and status < 400 else logging.INFO
+            log.log(
+                level,
                 "request",
                 extra={
                     "request_id": request_id,
@@ -172,9 +177,7 @@ async def _start(state: ServiceState) -> None:
     else:
         state.not_ready_reason = "loading weights"
         try:
-            runner, artifact = await state.cpu(
-                load_runner, settings, on_batch=state.metrics.observe_batch
-            )
+            runner, artifact = await state.cpu(load_runner, settings, on_batch=state.metrics.observe_batch)
         except ArtifactError as exc:
             raise StartupError(f"cannot load weights {settings.weights}: {exc}") from exc
         except DeviceSettingError as exc:
@@ -261,8 +264,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="fundus-enhance",
         version="0.1.0",
         summary="T-MAGE-Net enhancement, vessel segmentation and Cofe-Net degradation of fundus photographs",
+        description=API_DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
+    install_offline_docs(app)
     app.state.service = state
     app.state.settings = settings
     app.state.metrics = state.metrics

@@ -1,4 +1,5 @@
-"""API-key check for the image endpoints (and ``/metrics`` when configured).
+"""API-key check: everything but the health probes and the API description needs a key when keys
+are configured (``/metrics`` only with ``FUNDUS_METRICS_AUTH``).
 
 Keys come from ``FUNDUS_API_KEYS``; a client sends ``Authorization: Bearer <key>`` or ``X-API-Key``.
 Every configured key is compared in constant time, so timing reveals neither which key nearly
@@ -8,7 +9,10 @@ matched nor how many characters did.
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
+from fastapi import Depends
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import Request
 
 from service.errors import ApiError
@@ -52,12 +56,26 @@ def check_api_key(request: Request) -> None:
         raise ApiError(401, "unauthorized", "invalid API key", headers=_CHALLENGE)
 
 
-async def require_api_key(request: Request) -> None:
-    """FastAPI dependency for the image endpoints."""
+# Declared for the OpenAPI document only (an "Authorize" button with both ways of sending a key);
+# the check itself is ``check_api_key``, which also runs when no key is configured.
+BEARER = HTTPBearer(auto_error=False, description="an API key from FUNDUS_API_KEYS")
+KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key from FUNDUS_API_KEYS")
+
+
+async def require_api_key(
+    request: Request,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)] = None,
+    _header: Annotated[str | None, Depends(KEY_HEADER)] = None,
+) -> None:
+    """FastAPI dependency for everything but the health probes and the API description."""
     check_api_key(request)
 
 
-async def require_metrics_key(request: Request) -> None:
+async def require_metrics_key(
+    request: Request,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)] = None,
+    _header: Annotated[str | None, Depends(KEY_HEADER)] = None,
+) -> None:
     """FastAPI dependency for ``/metrics``: open unless ``FUNDUS_METRICS_AUTH`` is on."""
     if get_state(request).settings.metrics_auth:
         check_api_key(request)

@@ -37,13 +37,13 @@ class ModelResponse(BaseModel):
                 {
                     "preset": "lite",
                     "version": "lite-0123456789ab",
-                    "sha256": "0123456789ab…",
-                    "parameter_count": 1843211,
+                    "sha256": "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                    "parameter_count": 756875,
                     "working_size": 512,
                     "device": "cpu",
-                    "created": "2026-01-01T00:00:00+00:00",
-                    "training": {"steps": 40000},
-                    "metrics": {"psnr": 24.1, "ssim": 0.87},
+                    "created": "2026-12-01T00:00:00+00:00",
+                    "training": {"phase": "enhance", "steps": 4000, "mean_teacher": True},
+                    "metrics": {"validation": {"val/psnr": 30.1, "val/ssim": 0.94}},
                 }
             ]
         }
@@ -60,7 +60,7 @@ class ModelResponse(BaseModel):
 
 
 class StatusResponse(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ready"}]})
     status: str
 
 
@@ -90,8 +90,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         406: "no acceptable output format in Accept",
         413: "upload or image dimensions over the limit",
         415: "unsupported, mismatched or undecodable media",
-        422: "image too small or no fundus found",
+        422: "image too small, or clearly not a fundus photograph (send fov=full to process it anyway)",
         429: "queue full; see Retry-After",
+        502: "PACS store failed (DICOM with store=true): the result is still in the body, the report in JSON",
         503: "not ready, shutting down or model failure; see Retry-After",
         504: "the request deadline passed",
     }.items()
@@ -109,6 +110,11 @@ def image_responses(description: str, media_types: tuple[str, ...]) -> dict[int 
                 "schema": {"type": "string"},
                 "description": "queue, inference, preprocess and postprocess times in ms",
             },
+            "X-FOV": {
+                "schema": {"type": "string", "enum": ["fitted", "fallback", "full", "none"]},
+                "description": "how the field of view was found",
+            },
+            "X-FOV-Confidence": {"schema": {"type": "string"}, "description": "0–1, for fitted and fallback"},
         },
     }
     return {200: ok, **_ERRORS}

@@ -44,9 +44,22 @@ class ModelInfo:
             "working_size": self.working_size,
             "device": self.device,
             "created": self.created,
-            "training": self.training,
+            "training": public_training(self.training),
             "metrics": self.metrics,
         }
+
+
+#: Training-summary entries that describe the training host or its file system, not the weights.
+PRIVATE_TRAINING_KEYS = frozenset({"hardware", "run_dir", "weights"})
+
+
+def public_training(summary: Any) -> Any:
+    """The training summary without host details (platform, hardware, file paths), at any depth."""
+    if isinstance(summary, dict):
+        return {k: public_training(v) for k, v in summary.items() if k not in PRIVATE_TRAINING_KEYS}
+    if isinstance(summary, list):
+        return [public_training(v) for v in summary]
+    return summary
 
 
 @dataclass

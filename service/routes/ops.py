@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.auth import require_metrics_key
+from service.auth import require_api_key, require_metrics_key
 from service.errors import error_response
 from service.schemas import ErrorResponse, ModelResponse, StatusResponse
 from service.state import get_state
@@ -13,7 +13,9 @@ from service.state import get_state
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", response_model=StatusResponse, summary="Liveness: 200 while the process runs")
+@router.get(
+    "/healthz", response_model=StatusResponse, summary="Liveness: 200 while the process runs (no key needed)"
+)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -21,7 +23,7 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     response_model=StatusResponse,
-    summary="Readiness: weights loaded and warmed, queue backend and a worker answering",
+    summary="Readiness: weights loaded and warmed, queue backend and a worker answering (no key needed)",
     responses={503: {"model": ErrorResponse, "description": "not ready, with the reason"}},
 )
 async def readyz(request: Request) -> JSONResponse:
@@ -33,14 +35,18 @@ async def readyz(request: Request) -> JSONResponse:
     ok, reason = await state.queue.readiness()
     if not ok:
         return error_response(503, "not_ready", reason, {"Retry-After": "5"})
-    return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "ready"})
 
 
 @router.get(
     "/model",
     response_model=ModelResponse,
     summary="The served weights: preset, version, hash, size, training summary and metrics",
-    responses={503: {"model": ErrorResponse, "description": "weights not loaded yet"}},
+    dependencies=[Depends(require_api_key)],
+    responses={
+        401: {"model": ErrorResponse, "description": "missing or invalid API key (when keys are configured)"},
+        503: {"model": ErrorResponse, "description": "weights not loaded yet"},
+    },
 )
 async def model_info(request: Request) -> JSONResponse:
     state = get_state(request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,8 +42,15 @@ def test_auth_on(make_settings: Callable[..., Settings]) -> None:
         assert bearer.status_code == 200
         header = client.post("/segment", content=body, headers=PNG | {"x-api-key": "first-key"})
         assert header.status_code == 200
-        for path in ("/healthz", "/readyz", "/model", "/metrics"):
+        # Public: the health probes and the API description; /metrics unless FUNDUS_METRICS_AUTH.
+        for path in ("/healthz", "/readyz", "/docs", "/openapi.json", "/metrics"):
             assert client.get(path).status_code == 200, path
+        assert client.get("/model").status_code == 401
+        described = client.get("/model", headers={"x-api-key": "first-key"})
+        assert described.status_code == 200
+        assert "hardware" not in json.dumps(described.json()) and "platform" not in json.dumps(
+            described.json()
+        )
 
 
 def test_auth_off_by_default(client: TestClient) -> None:

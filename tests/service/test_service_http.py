@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -154,7 +156,7 @@ def test_request_id_echoed_or_replaced(client: TestClient) -> None:
 
 def test_health_ready_model_and_openapi(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
     info = client.get("/model").json()
     assert info["preset"] == "tiny" and info["working_size"] == 64 and info["parameter_count"] > 0
     assert len(info["sha256"]) == 64
@@ -261,3 +263,32 @@ def test_upload_limit_by_content_length(make_settings: Callable[..., Settings]) 
         assert_error(raw, 413, "too_large")
         multipart = small.post("/segment", files={"file": ("a.png", big, "image/png")})
         assert_error(multipart, 413, "too_large")
+
+
+def test_docs_work_offline_and_describe_security_and_pacs_failures(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200
+    external = re.findall(r"""(?:src|href)=["'](https?://[^"']+)""", page.text)
+    assert not external, external  # no CDN: nothing is fetched from outside this service
+    for asset in re.findall(r"""(?:src|href)=["'](/docs/static/[^"']+)""", page.text):
+        assert client.get(asset).status_code == 200, asset
+    spec = client.get("/openapi.json").json()
+    schemes = spec["components"]["securitySchemes"]
+    assert {scheme["type"] for scheme in schemes.values()} == {"http", "apiKey"}
+    enhance = spec["paths"]["/enhance"]["post"]
+    assert "502" in enhance["responses"] and enhance["security"]
+    assert "security" in spec["paths"]["/model"]["get"]
+    assert "security" not in spec["paths"]["/healthz"]["get"]
+    example = spec["components"]["schemas"]["ModelResponse"]["examples"][0]
+    assert example["parameter_count"] == 756_875  # the lite preset's size
+    assert "curl" in spec["info"]["description"]
+
+
+def test_health_probes_are_logged_at_debug(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="fundus.app"):
+        for _ in range(3):
+            assert client.get("/readyz").status_code == 200
+            assert client.get("/healthz").status_code == 200
+        assert client.get("/openapi.json").status_code == 200
+    requests = [r for r in caplog.records if r.getMessage() == "request"]
+    assert len(requests) == 1 and getattr(requests[0], "endpoint", None) == "other"  # /openapi.json
