@@ -107,7 +107,11 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
         if not boundary:
             raise ApiError(400, "bad_request", "multipart body without a boundary")
         part = _FilePart()
-        parser = MultipartParser(boundary, part.callbacks())  # type: ignore[arg-type]
+        try:
+            parser = MultipartParser(boundary, part.callbacks())  # type: ignore[arg-type]
+        except (ValueError, TypeError, MultipartParseError):
+            # e.g. a boundary over the parser's 256-character limit (RFC 2046 allows 70).
+            raise ApiError(400, "bad_request", "the multipart boundary is invalid or too long") from None
 
     raw = bytearray()
     received = 0
@@ -122,8 +126,9 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
                 raw += chunk
         if parser is not None:
             parser.finalize()
-    except MultipartParseError as exc:
-        raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from None
+    except MultipartParseError:
+        # The parser's message can quote the body: never echo it.
+        raise ApiError(400, "bad_request", "malformed multipart body") from None
     except ClientDisconnect:
         raise ApiError(400, "client_disconnected", "client closed the connection during upload") from None
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,14 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
 from service.dicom.errors import DicomTooLarge, DicomUndecodable, DicomUnusable
+from service.dicom.limits import (
+    check_deflated,
+    check_frame_size,
+    inflated_limit,
+    is_deflated,
+    meta_end,
+    meta_transfer_syntax,
+)
 
 log = logging.getLogger("fundus.dicom")
 
@@ -96,18 +105,19 @@ def read_dicom(data: bytes, *, max_pixels: int = 64_000_000) -> DicomPhoto:
             multi-frame (422).
         DicomTooLarge: Rows × Columns above ``max_pixels`` (413).
     """
+    _check_inflated_size(data, max_pixels)
     dataset = _parse(data)
     _check_is_photograph(dataset)
     transfer_syntax = _check_transfer_syntax(dataset)
     rows, columns = _check_geometry(dataset, max_pixels)
     photometric = _check_pixel_description(dataset)
+    if transfer_syntax.is_compressed:
+        check_frame_size(dataset, rows, columns)
     try:
         raw = dataset.pixel_array
     except Exception as exc:
         log.info("dicom pixel decode failed", extra={"reason": type(exc).__name__})
-        raise DicomUndecodable(
-            "dicom_undecodable", f"the DICOM pixel data ({transfer_syntax.name}) could not be decoded"
-        ) from None
+        raise DicomUndecodable("dicom_undecodable", "the DICOM pixel data could not be decoded") from None
     if raw.shape[:2] != (rows, columns):
         raise DicomUndecodable(
             "dicom_undecodable", "the decoded DICOM pixel data does not match Rows/Columns"
@@ -115,6 +125,18 @@ def read_dicom(data: bytes, *, max_pixels: int = 64_000_000) -> DicomPhoto:
     pixels = _to_rgb8(raw, dataset, photometric)
     del dataset.PixelData
     return DicomPhoto(pixels=pixels, dataset=dataset)
+
+
+def _check_inflated_size(data: bytes, max_pixels: int) -> None:
+    """A deflated dataset must not expand past what ``max_pixels`` allows (checked without keeping it)."""
+    if len(data) < 132 or data[128:132] != b"DICM":
+        return  # _parse refuses it with the right message
+    try:
+        syntax = meta_transfer_syntax(data)
+    except (DicomUndecodable, struct.error, ValueError):  # a broken meta group is _parse's to report
+        return
+    if syntax and is_deflated(syntax):
+        check_deflated(data, meta_end(data), inflated_limit(max_pixels))
 
 
 def _parse(data: bytes) -> Dataset:
@@ -155,10 +177,10 @@ def _check_is_photograph(dataset: Dataset) -> None:
         )
     sop_class = str(dataset.get("SOPClassUID", ""))
     if sop_class not in PHOTOGRAPH_SOP_CLASSES:
-        name = UID(sop_class).name if sop_class else "missing"
+        # Never echo values from the file (a private or made-up UID can carry anything).
         raise DicomUnusable(
             "dicom_not_photograph",
-            f"SOP class {name!r} is not a photograph; send Ophthalmic Photography, VL Photographic "
+            "the DICOM SOP class is not a photograph; send Ophthalmic Photography, VL Photographic "
             "or Secondary Capture images",
         )
     if 0x7FE00010 not in dataset:
@@ -172,8 +194,7 @@ def _check_is_photograph(dataset: Dataset) -> None:
         raise DicomUndecodable("dicom_invalid", "the DICOM Number of Frames is not a number") from None
     if n_frames != 1:
         raise DicomUnusable(
-            "dicom_multiframe",
-            f"multi-frame instances ({n_frames} frames) are not accepted; send one frame per request",
+            "dicom_multiframe", "multi-frame instances are not accepted; send one frame per request"
         )
 
 
@@ -185,9 +206,10 @@ def _check_transfer_syntax(dataset: Dataset) -> UID:
         except NotImplementedError:
             available = False
         if not available:
-            name = transfer_syntax.name or "unknown"
             raise DicomUndecodable(
-                "dicom_unsupported_transfer_syntax", f"DICOM transfer syntax {name!r} is not supported"
+                "dicom_unsupported_transfer_syntax",
+                "the DICOM transfer syntax is not supported; send uncompressed, JPEG baseline, JPEG-LS "
+                "or JPEG 2000",
             )
     return transfer_syntax
 
@@ -201,8 +223,7 @@ def _check_geometry(dataset: Dataset, max_pixels: int) -> tuple[int, int]:
         raise DicomUndecodable("dicom_invalid", "the DICOM image has no valid Rows/Columns")
     if rows * columns > max_pixels:
         raise DicomTooLarge(
-            "image_too_large",
-            f"the DICOM image has {rows * columns} pixels, more than the {max_pixels} allowed",
+            "image_too_large", f"the DICOM image has more than the {max_pixels} pixels allowed"
         )
     return rows, columns
 
@@ -215,13 +236,12 @@ def _check_pixel_description(dataset: Dataset) -> str:
     if photometric not in _COLOUR | _MONOCHROME | {"PALETTE COLOR"} or samples != expected_samples:
         raise DicomUndecodable(
             "dicom_unsupported_photometric",
-            "DICOM photometric interpretation "
-            f"{photometric or 'missing'!r} with {samples} samples per pixel is not supported",
+            "the DICOM photometric interpretation is not supported; send RGB, YBR, MONOCHROME or "
+            "PALETTE COLOR images",
         )
     if bits_allocated not in (8, 16):
         raise DicomUndecodable(
-            "dicom_unsupported_bit_depth",
-            f"DICOM images with {bits_allocated} bits allocated are not supported",
+            "dicom_unsupported_bit_depth", "only DICOM images with 8 or 16 bits allocated are supported"
         )
     return photometric
 
