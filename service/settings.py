@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=64, ge=1, description="jobs allowed to wait for the model; beyond → 429")
     request_timeout_s: float = Field(default=30.0, gt=0.0, description="per-request deadline → 504")
     max_upload_mb: float = Field(default=32.0, gt=0.0, description="largest request body in MiB → 413")
+    body_timeout_s: float = Field(default=30.0, gt=0.0, description="the whole body must arrive within → 408")
+    body_idle_timeout_s: float = Field(default=10.0, gt=0.0, description="longest pause in a body → 408")
+    body_min_rate_bps: float = Field(
+        default=1024.0, ge=0.0, description="slowest average body rate after 5 s, bytes/s (0 = off) → 408"
+    )
     max_pixels: int = Field(
         default=64_000_000, ge=1, description="largest decoded image (width × height) → 413"
     )

@@ -2,12 +2,17 @@
 
 The size limit is enforced while the body streams in: a declared ``Content-Length`` over the limit is
 refused before anything is read, and a body that grows past it (chunked, or lying about its length)
-is refused as soon as the limit is crossed, so an oversized upload never sits whole in memory.
+is refused as soon as the limit is crossed, so an oversized upload never sits whole in memory. A body
+must also arrive in time (:class:`BodyLimits`): a stalled or dripping client gets 408 and its slot
+back, and a shutdown ends every read at once.
 Multipart bodies are parsed incrementally and only the ``file`` part is kept.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from python_multipart import MultipartParser
@@ -86,8 +91,86 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, "too_large", f"request body exceeds the upload limit of {limit} bytes")
 
 
-async def read_upload(request: Request, max_bytes: int) -> Upload:
-    """Read the image from ``request`` within ``max_bytes``; raises :class:`ApiError` (400/413)."""
+@dataclass(frozen=True)
+class BodyLimits:
+    """How long a client may take to send its body.
+
+    Attributes:
+        total_s: the whole body must have arrived this long after the request did.
+        idle_s: longest pause between two chunks.
+        min_rate_bps: after ``grace_s``, the body must have come at least this fast on average
+            (bytes per second; 0 = no minimum), so a client dripping a byte a second frees its slot
+            long before the total deadline.
+        grace_s: start-up time before the rate is checked.
+        cancelled: returns True when the read must stop at once (the service is shutting down).
+    """
+
+    total_s: float = 30.0
+    idle_s: float = 10.0
+    min_rate_bps: float = 1024.0
+    grace_s: float = 5.0
+    cancelled: Callable[[], bool] = lambda: False
+
+
+#: Longest single wait for the next chunk: a shutdown is noticed within this time.
+POLL_S = 0.5
+
+
+def _too_slow(message: str) -> ApiError:
+    return ApiError(408, "request_timeout", message, headers={"Connection": "close"})
+
+
+async def _chunks(request: Request, limits: BodyLimits) -> AsyncIterator[bytes]:
+    """The body's chunks, enforcing :class:`BodyLimits`: 408 when too slow, 503 when shutting down."""
+    stream = request.stream().__aiter__()
+    started = time.monotonic()
+    last = started
+    received = 0
+    # One pending read at a time, kept across waits: cancelling an async generator's read would end it.
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(stream.__anext__())
+            _check_limits(limits, started, last, received)
+            now = time.monotonic()
+            wait = min(POLL_S, limits.total_s - (now - started), limits.idle_s - (now - last))
+            done, _ = await asyncio.wait({pending}, timeout=max(wait, 0.01))
+            if not done:
+                continue
+            try:
+                chunk = pending.result()
+            except StopAsyncIteration:
+                pending = None
+                return
+            pending = None
+            if chunk:
+                last = time.monotonic()
+                received += len(chunk)
+                yield chunk
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+
+
+def _check_limits(limits: BodyLimits, started: float, last: float, received: int) -> None:
+    """Raise 503 when shutting down, 408 when the body is late, stalled or too slow."""
+    if limits.cancelled():
+        raise ApiError(503, "shutting_down", "the service is shutting down", headers={"Retry-After": "5"})
+    now = time.monotonic()
+    if now - started > limits.total_s:
+        raise _too_slow(f"the request body did not arrive within {limits.total_s:g} s")
+    if now - last > limits.idle_s:
+        raise _too_slow(f"no request body data for {limits.idle_s:g} s")
+    elapsed = now - started
+    if limits.min_rate_bps and elapsed > limits.grace_s and received < limits.min_rate_bps * elapsed:
+        raise _too_slow(f"the request body arrives slower than {limits.min_rate_bps:g} bytes/s")
+
+
+async def read_upload(request: Request, max_bytes: int, limits: BodyLimits | None = None) -> Upload:
+    """Read the image from ``request`` within ``max_bytes`` and ``limits``; raises :class:`ApiError`
+    (400/413, 408 for a body that is too slow, 503 during shutdown)."""
+    limits = limits or BodyLimits()
     declared_length = request.headers.get("content-length")
     if declared_length is not None:
         try:
@@ -116,7 +199,7 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
     raw = bytearray()
     received = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in _chunks(request, limits):
             received += len(chunk)
             if received > max_bytes:
                 raise _too_large(max_bytes)

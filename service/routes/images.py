@@ -37,7 +37,7 @@ from service.queue.base import BackendUnavailable, InferenceQueue, Job, JobResul
 from service.queue.embedded import EmbeddedQueue
 from service.schemas import IMAGE_REQUEST_BODY, image_responses
 from service.state import ServiceState, get_state
-from service.upload import read_upload
+from service.upload import BodyLimits, read_upload
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["images"])
 
@@ -142,6 +142,16 @@ async def submit_until_disconnect(request: Request, queue: InferenceQueue, job: 
     raise ApiError(499, "client_disconnected", "client closed the connection before the result was ready")
 
 
+def body_limits(state: ServiceState) -> BodyLimits:
+    settings = state.settings
+    return BodyLimits(
+        total_s=settings.body_timeout_s,
+        idle_s=settings.body_idle_timeout_s,
+        min_rate_bps=settings.body_min_rate_bps,
+        cancelled=lambda: state.draining,
+    )
+
+
 def _deadline(request: Request, state: ServiceState) -> float:
     arrived = getattr(request.state, "arrived", None) or time.time()
     return float(arrived) + state.settings.request_timeout_s
@@ -152,7 +162,7 @@ def _server_timing(**durations_s: float) -> str:
 
 
 async def _decode_prepare(state: ServiceState, request: Request, fov: str) -> Prepared:
-    upload = await read_upload(request, state.settings.max_upload_bytes)
+    upload = await read_upload(request, state.settings.max_upload_bytes, body_limits(state))
     assert state.info is not None
     working_size = state.info.working_size
 
@@ -411,7 +421,7 @@ async def degrade_endpoint(
     _check_store(state, store, report)
     chosen_types = parse_types(types)
     used_seed = seed if seed is not None else secrets.randbelow(2**31)
-    upload = await read_upload(request, state.settings.max_upload_bytes)
+    upload = await read_upload(request, state.settings.max_upload_bytes, body_limits(state))
     clock = time.perf_counter()
 
     def work() -> tuple[DecodedImage, np.ndarray, dict[str, Any], FovEstimate | None]:
