@@ -89,6 +89,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         401: "missing or invalid API key (when keys are configured)",
         406: "no acceptable output format in Accept",
         408: "the request body arrived too slowly (FUNDUS_BODY_*)",
+        409: "Redis queue: a request with this X-Request-ID was already accepted",
         413: "upload or image dimensions over the limit",
         415: "unsupported, mismatched or undecodable media",
         422: "image too small, or clearly not a fundus photograph (send fov=full to process it anyway)",

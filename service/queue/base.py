@@ -97,6 +97,13 @@ class DeadlineExceeded(QueueError):
     code = "deadline_exceeded"
 
 
+class DuplicateRequest(QueueError):
+    """A request with the same X-Request-ID is already queued or running here → 409."""
+
+    status_code = 409
+    code = "duplicate_request"
+
+
 class InferenceFailed(QueueError):
     """The model pass failed for this job (bad batch, poison entry moved to dead letters) → 500-free 503."""
 

@@ -41,6 +41,7 @@ from redis.retry import Retry
 from service.queue.base import (
     BackendUnavailable,
     DeadlineExceeded,
+    DuplicateRequest,
     InferenceQueue,
     Job,
     JobResult,
@@ -78,10 +79,15 @@ if not epoch then
   redis.call('SET', KEYS[2], epoch)
 end
 local n = redis.call('XLEN', KEYS[1])
+local known = redis.call('GET', KEYS[3])
+if known then
+  return {2, known, epoch, n}
+end
 if n >= tonumber(ARGV[1]) then
   return {0, '', epoch, n}
 end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
+redis.call('SET', KEYS[3], id, 'EX', tonumber(ARGV[3]))
 return {1, id, epoch, n + 1}
 """
 
@@ -309,7 +315,11 @@ class RedisQueue(InferenceQueue):
             )
         if self.require_worker and self._live_workers == 0 and self._down_since is None:
             raise BackendUnavailable("no model worker is running", retry_after_s=5)
-        job_id = uuid.uuid4().hex
+        # The request id is the idempotency key: admitting it again (after a Redis stall, or when a
+        # client retries with the same X-Request-ID) never queues the work twice.
+        job_id = job.request_id or uuid.uuid4().hex
+        if job_id in self._waiters:
+            raise DuplicateRequest("a request with this X-Request-ID is already being processed")
         fields = encode_request(
             job,
             job_id=job_id,
@@ -320,24 +330,20 @@ class RedisQueue(InferenceQueue):
         waiter = _Waiter(future=asyncio.get_running_loop().create_future())
         self._waiters[job_id] = waiter
         try:
-            args: list[Any] = [self.max_queue, uuid.uuid4().hex]
+            args: list[Any] = [self.max_queue, uuid.uuid4().hex, self.reply_ttl_s]
             for key, value in fields.items():
                 args += [key, value]
-            admitted, entry_id, epoch, backlog = await self._admit(
-                keys=[self.names.requests, self.names.epoch], args=args
-            )
-        except TRANSIENT_ERRORS as exc:
-            self._waiters.pop(job_id, None)
-            self._note_down(exc)
-            raise BackendUnavailable(
-                f"queue backend unavailable: {self._redis_error}", retry_after_s=2
-            ) from None
+            admitted, entry_id, epoch, backlog = await self._admit_until_known(job, job_id, args)
         except redis.exceptions.ResponseError as exc:
             self._waiters.pop(job_id, None)
             raise BackendUnavailable(f"queue backend refused the job: {exc}", retry_after_s=2) from None
         except BaseException:
             self._waiters.pop(job_id, None)
             raise
+        if int(admitted) == 2:
+            log.info(
+                "admitted before the stall was noticed; waiting for its reply", extra={"request_id": job_id}
+            )
         self._note_up()
         self._backlog = int(backlog)
         if not int(admitted):
@@ -366,6 +372,43 @@ class RedisQueue(InferenceQueue):
             raise reply.error
         assert reply.result is not None
         return reply.result
+
+    async def _admit_until_known(self, job: Job, job_id: str, args: list[Any]) -> tuple[Any, ...]:
+        """Run the (idempotent) admit script until its outcome is known.
+
+        A refused or reset connection means the job was not queued: 503 at once. A timeout (Redis
+        stalled, the command possibly queued on the socket) leaves the outcome unknown, and a 503
+        then would let a retrying client's image be processed twice; the admit is repeated instead
+        (it cannot queue the job twice) until Redis answers, or the request's deadline passes (504:
+        an expired job is never run by a worker).
+        """
+        keys = [self.names.requests, self.names.epoch, self.names.admitted(job_id)]
+        delay = 0.05
+        first = True
+        while True:
+            try:
+                outcome = tuple(await self._admit(keys=keys, args=args))
+                if int(outcome[0]) == 2 and first:
+                    # Queued by an earlier request with this id (a client retry): never run it twice.
+                    raise DuplicateRequest(
+                        "a request with this X-Request-ID was already accepted; its answer went to that "
+                        "request (send a new X-Request-ID to process the image again)"
+                    )
+                return outcome
+            except (redis.exceptions.TimeoutError, TimeoutError) as exc:
+                first = False
+                self._note_down(exc)
+                if job.expired() or time.time() + delay >= job.deadline:
+                    raise DeadlineExceeded(
+                        "request deadline passed while the queue backend did not answer"
+                    ) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            except TRANSIENT_ERRORS as exc:
+                self._note_down(exc)
+                raise BackendUnavailable(
+                    f"queue backend unavailable: {self._redis_error}", retry_after_s=2
+                ) from None
 
     def live_workers(self) -> int:
         """Workers with a live heartbeat, as last sampled (0 while unknown)."""

@@ -87,6 +87,10 @@ class StreamNames:
     def epoch(self) -> str:
         return f"{self.prefix}:epoch"
 
+    def admitted(self, job_id: str) -> str:
+        """Marker of an admitted job (its entry id): admitting the same job id twice is a no-op."""
+        return f"{self.prefix}:admitted:{job_id}"
+
     def heartbeat(self, worker: str) -> str:
         return f"{self.prefix}:worker:{worker}"
 

@@ -278,3 +278,43 @@ def test_a_base64_password_with_a_slash_works_through_the_password_setting(tmp_p
             thread.join(timeout=30)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("stall_s", [2.6, 4.0])
+def test_a_redis_stall_never_answers_503_for_a_job_that_then_runs(
+    redis_server: RedisServer, stall_s: float
+) -> None:
+    """Redis frozen (SIGSTOP) while a job is submitted: the old answer was 503 + Retry-After after the
+    2 s command timeout while Redis still queued the job, so a retrying client had its image processed
+    twice. Now the API waits for the (idempotent) admit to be answered: the job runs once and its
+    answer is returned, and submitting the same request id again does not run it twice."""
+    import os
+    import signal as signals
+
+    runner = EchoRunner()
+    assert redis_server.process is not None
+    pid = redis_server.process.pid
+
+    async def scenario() -> None:
+        queue = make_queue(redis_server.url, command_timeout_s=2.0)
+        await queue.start()
+        try:
+            await wait_async(lambda: ready(queue), 10, "readiness")
+            os.kill(pid, signals.SIGSTOP)
+            asyncio.get_running_loop().call_later(stall_s, os.kill, pid, signals.SIGCONT)
+            try:
+                result = await queue.submit(make_job("stalled", timeout_s=20.0))
+            finally:
+                os.kill(pid, signals.SIGCONT)
+            assert result.image is not None
+            with pytest.raises(QueueError) as retried:  # a client retry with the same id
+                await queue.submit(make_job("stalled", timeout_s=5.0))
+            assert retried.value.status_code == 409
+        except QueueError as exc:
+            raise AssertionError(f"answered {exc.status_code} {exc.code}") from None
+        finally:
+            await queue.stop(1)
+
+    with worker_thread(redis_server.url, runner, max_batch_wait_ms=5.0):
+        asyncio.run(scenario())
+    assert runner.runs["stalled"] == 1, runner.runs
