@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Literal
 
 import torch
@@ -298,24 +298,32 @@ def _apply_illumination(x: torch.Tensor, fov: torch.Tensor, ps: list[dict[str, A
     _, _, h, w = x.shape
     # Colour: torchvision's adjust_brightness/contrast/saturation (blend with black, with the mean grey
     # level of the whole image, and with the per-pixel grey), each clamped like the uint8 PIL path.
-    x = (x * _column([p["brightness"] for p in ps], x)).clamp(0, 1)
+    # In place: a large photograph is one full-size tensor, not one per operation.
+    x = x.clone()
+    x.mul_(_column([p["brightness"] for p in ps], x)).clamp_(0, 1)
     contrast = _column([p["contrast"] for p in ps], x)
-    x = (contrast * x + (1 - contrast) * _luma(x).mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
+    grey_mean = _luma(x).mean(dim=(1, 2, 3), keepdim=True)
+    x.mul_(contrast).add_((1 - contrast) * grey_mean).clamp_(0, 1)
     saturation = _column([p["saturation"] for p in ps], x)
-    x = (saturation * x + (1 - saturation) * _luma(x)).clamp(0, 1)
+    grey = _luma(x)
+    x.mul_(saturation).add_(grey.mul_(1 - saturation)).clamp_(0, 1)
+    del grey
 
     # Halo: ring (outer disk minus inner disk) filled with the image mean, blurred, tinted.
     halos = [p["halo"] for p in ps]
     fill = x.mean(dim=(1, 2, 3), keepdim=True)
-    d2 = _squared_distance([q["center"] for q in halos], h, w, x)
-    outer = _within(d2, [int(q["outer_diameter"] / 2) for q in halos])
-    inner = _within(d2, [int(q["inner_diameter"] / 2) for q in halos])
-    ring = (outer & ~inner).to(x.dtype) * fill
-    ring = gaussian_blur(
-        ring, [q["kernel"] for q in halos], [q["kernel"] for q in halos], [q["sigma"] for q in halos]
-    )
+
+    def halo_field(gh: int, gw: int, f: float) -> FieldSpec:
+        d2 = _squared_distance([_scaled(q["center"], f) for q in halos], gh, gw, x)
+        outer = _within(d2, [int(q["outer_diameter"] / 2 * f) for q in halos])
+        inner = _within(d2, [int(q["inner_diameter"] / 2 * f) for q in halos])
+        kernels = [_odd_scaled(q["kernel"], f) for q in halos]
+        return (outer & ~inner).to(x.dtype) * fill, kernels, kernels, [q["sigma"] * f for q in halos]
+
+    ring = _smooth_field(h, w, halo_field)
     tint = torch.tensor([q["weights"] for q in halos], dtype=x.dtype, device=x.device).view(-1, 3, 1, 1)
-    x = (x + tint * ring).clamp(0, 1)
+    x.addcmul_(tint, ring).clamp_(0, 1)
+    del ring
 
     # Hole: a dark disk whose depth grows with the mean brightness inside the FOV, blurred. Images darker
     # than 0.25 on average get no hole (the draws are still consumed, so the sequence stays aligned).
@@ -324,20 +332,58 @@ def _apply_illumination(x: torch.Tensor, fov: torch.Tensor, ps: list[dict[str, A
     base = torch.tensor([q["base"] for q in holes], dtype=x.dtype, device=x.device)
     position = torch.tensor([q["position"] for q in holes], dtype=x.dtype, device=x.device)
     depth = torch.where(fov_mean > 0.25, base - 0.06 * fov_mean + 0.01 * fov_mean * position, 0.0)
-    disk = _within(
-        _squared_distance([q["center"] for q in holes], h, w, x), [q["diameter"] // 2 for q in holes]
-    )
-    dark = disk.to(x.dtype) * depth.view(-1, 1, 1, 1)
-    dark = gaussian_blur(
-        dark, [q["kernel"][0] for q in holes], [q["kernel"][1] for q in holes], [q["sigma"] for q in holes]
-    )
-    x = (x + dark).clamp(0, 1)
+
+    def hole_field(gh: int, gw: int, f: float) -> FieldSpec:
+        d2 = _squared_distance([_scaled(q["center"], f) for q in holes], gh, gw, x)
+        disk = _within(d2, [int(q["diameter"] // 2 * f) for q in holes])
+        return (
+            disk.to(x.dtype) * depth.view(-1, 1, 1, 1),
+            [_odd_scaled(q["kernel"][0], f) for q in holes],
+            [_odd_scaled(q["kernel"][1], f) for q in holes],
+            [q["sigma"] * f for q in holes],
+        )
+
+    dark = _smooth_field(h, w, hole_field)
+    x.add_(dark).clamp_(0, 1)
+    del dark
 
     for halo, hole, f, m, d in zip(
         halos, holes, fill.flatten().tolist(), fov_mean.tolist(), depth.tolist(), strict=True
     ):
         halo["fill"], hole["fov_mean"], hole["brightness"] = f, m, d
     return x
+
+
+#: Illumination fields (halo ring, hole) of images larger than this are drawn and blurred on a grid
+#: of at most this size, then interpolated: they are smooth (blur kernels of a third of the image and
+#: more), so a 4,000-pixel photograph is degraded in a fraction of the time and memory, and images of
+#: up to this size (the 512² training and working images) are computed exactly as before.
+FIELD_MAX_SIDE = 1024
+
+FieldSpec = tuple[torch.Tensor, list[int], list[int], list[float]]
+
+
+def _scaled(center: Sequence[int], factor: float) -> list[int]:
+    return [round(c * factor) for c in center]
+
+
+def _odd_scaled(size: int, factor: float) -> int:
+    return _odd(max(1, round(size * factor))) if factor < 1.0 else int(size)
+
+
+def _smooth_field(h: int, w: int, build: Callable[[int, int, float], FieldSpec]) -> torch.Tensor:
+    """``[N, 1, H, W]`` blurred field from ``build(grid_h, grid_w, factor)`` → (field, kx, ky, sigmas).
+
+    Up to :data:`FIELD_MAX_SIDE` the field is built at full size (factor 1); above, on a reduced grid
+    with geometry and blur scaled by ``factor``, then interpolated bilinearly to ``H × W``.
+    """
+    factor = min(1.0, FIELD_MAX_SIDE / max(h, w))
+    gh, gw = (h, w) if factor == 1.0 else (max(1, round(h * factor)), max(1, round(w * factor)))
+    field, kx, ky, sigmas = build(gh, gw, factor)
+    field = gaussian_blur(field, kx, ky, sigmas)
+    if (gh, gw) != (h, w):
+        field = F.interpolate(field, size=(h, w), mode="bilinear", align_corners=False)
+    return field
 
 
 def _spot_layer(spot_lists: list[list[dict[str, Any]]], h: int, w: int, like: torch.Tensor) -> torch.Tensor:

@@ -161,10 +161,12 @@ def degrade(
         raise ApiError(400, "bad_request", f"invalid degradation request: {exc}") from None
     out = (degraded.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     if mask is not None:
-        # The degradation comes out multiplied by the mask; add the input back outside the field of
-        # view (and in proportion on its soft rim), so only the fundus is degraded.
+        # The degradation comes out multiplied by the mask; the input stays outside the field of view
+        # and is added back in proportion on its soft rim, so only the fundus is degraded.
         weight = mask[0].numpy()
-        rim = weight < 1.0
-        kept = decoded.pixels[rim] * (1.0 - weight[rim])[:, None] + out[rim]
+        outside = weight <= 0.0
+        out[outside] = decoded.pixels[outside]
+        rim = (weight > 0.0) & (weight < 1.0)
+        kept = decoded.pixels[rim].astype(np.float32) * (1.0 - weight[rim])[:, None] + out[rim]
         out[rim] = np.clip(kept + 0.5, 0, 255).astype(np.uint8)
     return out, params, estimate

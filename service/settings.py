@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         default=64_000_000, ge=1, description="largest decoded image (width × height) → 413"
     )
     min_image_side: int = Field(default=64, ge=1, description="smaller images are refused with 422")
+    max_degrade_pixels: int = Field(
+        default=24_000_000,
+        ge=1,
+        description="largest image /degrade accepts (it works at full resolution) → 413",
+    )
+    max_degrade_jobs: int = Field(default=1, ge=1, description="degradations running at the same time")
     api_keys: str = Field(default="", repr=False, description="comma-separated API keys; empty disables auth")
     metrics_auth: bool = Field(default=False, description="also require an API key on /metrics")
     dicomweb_url: str | None = Field(default=None, description="DICOMweb STOW-RS endpoint for DICOM results")

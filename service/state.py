@@ -77,6 +77,14 @@ class ServiceState:
     draining: bool = False
     not_ready_reason: str = "starting"
 
+    _degrade_slots: asyncio.Semaphore | None = None
+
+    def degrade_slots(self) -> asyncio.Semaphore:
+        """The semaphore that caps concurrent ``/degrade`` work (created in the serving loop)."""
+        if self._degrade_slots is None:
+            self._degrade_slots = asyncio.Semaphore(self.settings.max_degrade_jobs)
+        return self._degrade_slots
+
     async def cpu(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run CPU-bound ``func`` in the image thread pool (keeps the request id context)."""
         context = contextvars.copy_context()

@@ -33,7 +33,7 @@ from service.imaging import (
     restore_vessels,
 )
 from service.logging import current_request_id
-from service.queue.base import BackendUnavailable, InferenceQueue, Job, JobResult, Task
+from service.queue.base import BackendUnavailable, DeadlineExceeded, InferenceQueue, Job, JobResult, Task
 from service.queue.embedded import EmbeddedQueue
 from service.schemas import IMAGE_REQUEST_BODY, image_responses
 from service.state import ServiceState, get_state
@@ -424,14 +424,29 @@ async def degrade_endpoint(
     upload = await read_upload(request, state.settings.max_upload_bytes, body_limits(state))
     clock = time.perf_counter()
 
+    deadline = _deadline(request, state)
+    settings = state.settings
+
     def work() -> tuple[DecodedImage, np.ndarray, dict[str, Any], FovEstimate | None]:
-        decoded = decode_upload(
-            state.codecs, upload, max_pixels=state.settings.max_pixels, min_side=state.settings.min_image_side
-        )
+        # The degradation runs at the photograph's own resolution: its own, smaller pixel limit, checked
+        # from the header before decoding, keeps one job's memory bounded.
+        limit = min(settings.max_pixels, settings.max_degrade_pixels)
+        decoded = decode_upload(state.codecs, upload, max_pixels=limit, min_side=settings.min_image_side)
+        if time.time() > deadline:
+            raise DeadlineExceeded("request deadline passed before the degradation started")
         pixels, params, estimate = degrade(decoded, seed=used_seed, types=chosen_types, mode=mode, fov=fov)
         return decoded, in_input_format(decoded, pixels), params, estimate
 
-    decoded, pixels, params, estimate = await state.cpu(work)
+    # At most FUNDUS_MAX_DEGRADE_JOBS degradations at a time, waiting no longer than the deadline.
+    slots = state.degrade_slots()
+    try:
+        await asyncio.wait_for(slots.acquire(), timeout=max(deadline - time.time(), 0.001))
+    except TimeoutError:
+        raise DeadlineExceeded("request deadline passed while waiting for a degradation slot") from None
+    try:
+        decoded, pixels, params, estimate = await state.cpu(work)
+    finally:
+        slots.release()
     codec = choose_output_codec(
         state.codecs, format, request.headers.get("accept"), _default_format(state.codecs, decoded)
     )
@@ -443,6 +458,8 @@ async def degrade_endpoint(
         extra={**params, **_encode_extra(codec, request)},
     )
     body = await state.cpu(_encode, codec, pixels, decoded, context)
+    if time.time() > deadline:
+        raise DeadlineExceeded("request deadline passed during the degradation")
     headers = {
         "X-Degradation-Params": _params_header(params),
         "Server-Timing": _server_timing(degrade=time.perf_counter() - clock),
