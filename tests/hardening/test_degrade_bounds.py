@@ -77,3 +77,19 @@ def test_degrade_is_never_answered_after_the_deadline(server: tuple) -> None:
         if status == 200:
             assert seconds < 2.0 + 0.5, responses  # a 200 only within the deadline (plus transfer)
     assert _peak_rss_mb(process.pid) - before < 1200
+
+
+def test_dicom_bombs_do_not_grow_the_server(server: tuple, fundus_rgb: np.ndarray) -> None:
+    """The same bombs as tests/hardening/test_dicom_bombs.py, through HTTP: the server's peak RSS."""
+    from tests.hardening.bombs import deflate_bomb, jpeg_frame_bomb
+
+    base, process = server
+    before = _peak_rss_mb(process.pid)
+    headers = {"content-type": "application/dicom"}
+    deflated = httpx.post(
+        f"{base}/enhance", content=deflate_bomb(fundus_rgb, 1 << 30), headers=headers, timeout=60
+    )
+    assert deflated.status_code == 413
+    framed = httpx.post(f"{base}/enhance", content=jpeg_frame_bomb(fundus_rgb), headers=headers, timeout=60)
+    assert framed.status_code == 415
+    assert _peak_rss_mb(process.pid) - before < 100
