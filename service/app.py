@@ -34,11 +34,12 @@ from service.routes import images, ops
 from service.runner import DeviceSettingError, load_runner
 from service.settings import Settings, load_settings
 from service.state import ModelInfo, ServiceState
+from service.viewer import install_viewer
 
 log = logging.getLogger("fundus.app")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-IMAGE_PATHS = frozenset({"/enhance", "/segment", "/degrade"})
+IMAGE_PATHS = frozenset({"/enhance", "/segment", "/degrade", "/render"})
 HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
 
 
@@ -270,6 +271,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     install_offline_docs(app)
+    install_viewer(app)
     app.state.service = state
     app.state.settings = settings
     app.state.metrics = state.metrics

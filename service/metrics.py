@@ -32,7 +32,7 @@ LATENCY_BUCKETS = (
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
 # Endpoint label values; anything else is folded into "other" to keep cardinality bounded.
-ENDPOINTS = ("/enhance", "/segment", "/degrade", "/model", "/healthz", "/readyz", "/metrics")
+ENDPOINTS = ("/enhance", "/segment", "/degrade", "/render", "/model", "/healthz", "/readyz", "/metrics")
 
 
 def endpoint_label(path: str) -> str:

@@ -466,3 +466,28 @@ async def degrade_endpoint(
         **fov_headers(estimate),
     }
     return await _deliver(state, body, codec, headers, store, report)
+
+
+@router.post(
+    "/render",
+    summary="The upload as the service decodes it, as PNG (for viewers that cannot show TIFF or DICOM)",
+    response_class=Response,
+    responses=image_responses("the decoded image as PNG, same size; nothing is kept", ("image/png",)),
+    openapi_extra=IMAGE_REQUEST_BODY,
+)
+async def render(request: Request) -> Response:
+    _reject_unknown_query(request, set())
+    state = get_state(request)
+    upload = await read_upload(request, state.settings.max_upload_bytes, body_limits(state))
+    codec = state.codecs.by_format("png")
+    assert codec is not None
+
+    def work() -> bytes:
+        decoded = decode_upload(
+            state.codecs, upload, max_pixels=state.settings.max_pixels, min_side=state.settings.min_image_side
+        )
+        context = EncodeContext(task="render", model_version=state.model_version)
+        return _encode(codec, decoded.pixels, None, context)
+
+    body = await state.cpu(work)
+    return Response(content=body, media_type="image/png")
