@@ -34,6 +34,7 @@ COPY training ./training
 # The build fails here if the weights are missing or the entry point does not import.
 RUN pip install --no-cache-dir . \
     && python -c "from model.artifact import BUNDLED_WEIGHTS as w; assert w.is_file(), w; print(w)" \
+    && python -c "from model.quality import BUNDLED_QUALITY as q; assert q.is_file(), q; print(q)" \
     && fundus --help > /dev/null
 
 FROM ${PYTHON_IMAGE} AS runtime

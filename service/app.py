@@ -24,13 +24,14 @@ from safetensors import safe_open
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.artifact import ArtifactError, read_metadata
+from model.quality import load_quality
 from service.codecs import default_registry
 from service.docs import API_DESCRIPTION, install_offline_docs
 from service.errors import error_body, install_error_handlers, retry_after_header
 from service.logging import configure_logging, reset_request_id, set_request_id
 from service.metrics import Metrics, endpoint_label
 from service.queue.factory import build_queue
-from service.routes import images, ops
+from service.routes import images, ops, quality
 from service.runner import DeviceSettingError, load_runner
 from service.settings import Settings, load_settings
 from service.state import ModelInfo, ServiceState
@@ -39,7 +40,7 @@ from service.viewer import install_viewer
 log = logging.getLogger("fundus.app")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-IMAGE_PATHS = frozenset({"/enhance", "/segment", "/degrade", "/render"})
+IMAGE_PATHS = frozenset({"/enhance", "/segment", "/degrade", "/render", "/quality"})
 HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
 
 
@@ -200,6 +201,12 @@ async def _start(state: ServiceState) -> None:
             state.not_ready_reason = "warming up"
             seconds = await state.cpu(runner.warm_up, (1,))
             log.info("warm-up done", extra={"seconds": round(seconds, 3)})
+    if settings.quality_weights:
+        state.not_ready_reason = "loading the quality grader"
+        try:
+            state.quality = await state.cpu(load_quality, settings.quality_weights)
+        except (OSError, ValueError, KeyError) as exc:
+            raise StartupError(f"cannot load the quality grader {settings.quality_weights}: {exc}") from exc
     state.not_ready_reason = "starting the queue"
     queue = build_queue(
         settings,
@@ -277,6 +284,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = state.metrics
     install_error_handlers(app)
     app.include_router(images.router)
+    app.include_router(quality.router)
     app.include_router(ops.router)
     app.add_middleware(RequestContextMiddleware, state=state)
     return app

@@ -32,7 +32,17 @@ LATENCY_BUCKETS = (
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
 # Endpoint label values; anything else is folded into "other" to keep cardinality bounded.
-ENDPOINTS = ("/enhance", "/segment", "/degrade", "/render", "/model", "/healthz", "/readyz", "/metrics")
+ENDPOINTS = (
+    "/enhance",
+    "/segment",
+    "/degrade",
+    "/render",
+    "/quality",
+    "/model",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+)
 
 
 def endpoint_label(path: str) -> str:
@@ -106,6 +116,33 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("fundus_ready", "1 when the service reports ready", registry=r)
+        # Trust signals (see model/trust.py and model/quality.py).
+        share = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+        self.quality_before = Histogram(
+            "fundus_quality_before", "P(good) of photographs before enhancement", buckets=share, registry=r
+        )
+        self.quality_after = Histogram(
+            "fundus_quality_after", "P(good) of enhanced photographs", buckets=share, registry=r
+        )
+        self.uncertainty = Histogram(
+            "fundus_enhance_uncertainty",
+            "Mean stage disagreement of an enhancement inside the FOV",
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2),
+            registry=r,
+        )
+        self.structure_dice = Histogram(
+            "fundus_structure_dice", "Dice of the vessel maps of input and output", buckets=share, registry=r
+        )
+        self.structure_warnings = Counter(
+            "fundus_structure_warnings_total",
+            "Enhancements whose vessel map changed beyond FUNDUS_STRUCTURE_MIN_DICE",
+            registry=r,
+        )
+        self.skipped_enhancements = Counter(
+            "fundus_enhance_skipped_total",
+            "only_if_needed requests answered with the input (already good)",
+            registry=r,
+        )
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

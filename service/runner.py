@@ -28,6 +28,14 @@ from model.device import (
     select_device,
 )
 from model.magenet import MageNet
+from model.trust import (
+    StructureFidelity,
+    field_of_view,
+    mean_in_fov,
+    stage_disagreement,
+    structure_fidelity,
+    uncertainty_to_uint8,
+)
 from service.queue.base import Job, JobResult, Task
 from service.settings import Settings
 
@@ -38,10 +46,19 @@ BatchObserver = Callable[[int, float], None]
 
 @dataclass
 class BatchOutput:
-    """Model answers for a batch: images uint8 [B, 3, S, S] and vessels uint8 [B, S, S], when asked for."""
+    """Model answers for a batch: images uint8 [B, 3, S, S] and vessels uint8 [B, S, S], when asked for;
+    with trust signals, for the images: uncertainty maps uint8 [B, S, S], their means and the
+    structure fidelity per image (see :mod:`model.trust`)."""
 
     images: np.ndarray | None
     vessels: np.ndarray | None
+    uncertainty: np.ndarray | None = None
+    uncertainty_means: list[float] | None = None
+    fidelity: list[StructureFidelity] | None = None
+
+
+def _join(first: np.ndarray | None, second: np.ndarray | None) -> np.ndarray | None:
+    return None if first is None or second is None else np.concatenate([first, second])
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -63,6 +80,8 @@ class ModelRunner:
         device: where the model lives.
         working_size: S, the square input size every job must have.
         on_batch: called with (batch size, seconds) once per executed model pass (metrics).
+        trust_signals: with enhanced images, also compute the uncertainty map and the structure
+            fidelity (:mod:`model.trust`; one extra pass of the vessel branch).
     """
 
     def __init__(
@@ -72,12 +91,14 @@ class ModelRunner:
         working_size: int,
         *,
         on_batch: BatchObserver | None = None,
+        trust_signals: bool = True,
     ) -> None:
         self.memory_format = conv_memory_format(device)
         self.model = model.to(memory_format=self.memory_format)
         self.device = device
         self.working_size = working_size
         self.on_batch = on_batch
+        self.trust_signals = trust_signals
 
     def infer(self, pixels: np.ndarray, *, need_image: bool, need_vessels: bool) -> BatchOutput:
         """One pass over uint8 [B, 3, S, S]; halves the batch and retries on out-of-memory."""
@@ -96,20 +117,45 @@ class ModelRunner:
             first = self.infer(pixels[:half], need_image=need_image, need_vessels=need_vessels)
             second = self.infer(pixels[half:], need_image=need_image, need_vessels=need_vessels)
             return BatchOutput(
-                images=None if first.images is None else np.concatenate([first.images, second.images]),
-                vessels=None if first.vessels is None else np.concatenate([first.vessels, second.vessels]),
+                images=_join(first.images, second.images),
+                vessels=_join(first.vessels, second.vessels),
+                uncertainty=_join(first.uncertainty, second.uncertainty),
+                uncertainty_means=None
+                if first.uncertainty_means is None
+                else [*first.uncertainty_means, *(second.uncertainty_means or [])],
+                fidelity=None if first.fidelity is None else [*first.fidelity, *(second.fidelity or [])],
             )
 
     def _forward(self, pixels: np.ndarray, *, need_image: bool, need_vessels: bool) -> BatchOutput:
         with torch.inference_mode():
             batch = torch.from_numpy(pixels).to(self.device, non_blocking=True).float().div_(255.0)
             batch = batch.contiguous(memory_format=self.memory_format)
+            if need_image and self.trust_signals:
+                return self._forward_with_trust(batch, need_vessels=need_vessels)
             with autocast(self.device):
                 image, vessels = self.model.infer(batch, need_image=need_image, need_vessels=need_vessels)
             return BatchOutput(
                 images=None if image is None else _to_uint8(image),
                 vessels=None if vessels is None else _to_uint8(vessels[:, 0]),
             )
+
+    def _forward_with_trust(self, batch: torch.Tensor, *, need_vessels: bool) -> BatchOutput:
+        """The enhanced images plus the trust signals: one full pass (both stage images and the input's
+        vessel map) and one pass of the vessel branch over the output."""
+        with autocast(self.device):
+            output = self.model(batch)
+            image = output.images[0].clamp(0.0, 1.0)
+            vessels_out = self.model.vessels.predict(image)[:, 0].float()
+        vessels_in = torch.softmax(output.vessel_logits[-1].float(), dim=1)[:, 1]
+        disagreement = stage_disagreement(output.images[0], output.images[1])
+        fov = field_of_view(batch)
+        return BatchOutput(
+            images=_to_uint8(image),
+            vessels=_to_uint8(vessels_in) if need_vessels else None,
+            uncertainty=uncertainty_to_uint8(disagreement),
+            uncertainty_means=mean_in_fov(disagreement, fov),
+            fidelity=structure_fidelity(vessels_in, vessels_out, fov),
+        )
 
     def run_jobs(self, jobs: Sequence[Job]) -> list[JobResult]:
         """One model pass for ``jobs`` (any mix of tasks); results in the same order."""
@@ -128,6 +174,7 @@ class ModelRunner:
             self.on_batch(len(jobs), seconds)
         results = []
         for index, job in enumerate(jobs):
+            enhance = job.task is Task.ENHANCE
             results.append(
                 JobResult(
                     image=output.images[index]
@@ -141,6 +188,15 @@ class ModelRunner:
                     queue_seconds=max(0.0, started - job.enqueued_at),
                     inference_seconds=seconds,
                     batch_size=len(jobs),
+                    uncertainty=output.uncertainty[index]
+                    if enhance and output.uncertainty is not None
+                    else None,
+                    uncertainty_mean=output.uncertainty_means[index]
+                    if enhance and output.uncertainty_means is not None
+                    else None,
+                    fidelity=output.fidelity[index].as_dict()
+                    if enhance and output.fidelity is not None
+                    else None,
                 )
             )
         return results
@@ -186,5 +242,11 @@ def load_runner(settings: Settings, *, on_batch: BatchObserver | None = None) ->
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     artifact = load_artifact(settings.weights, device)
-    runner = ModelRunner(artifact.model, device, int(artifact.config.working_size), on_batch=on_batch)
+    runner = ModelRunner(
+        artifact.model,
+        device,
+        int(artifact.config.working_size),
+        on_batch=on_batch,
+        trust_signals=settings.trust_signals,
+    )
     return runner, artifact

@@ -59,6 +59,23 @@ class ModelResponse(BaseModel):
     metrics: dict[str, Any]
 
 
+class QualityResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "grade": "good",
+                    "probabilities": {"good": 0.9132, "poor": 0.0868},
+                    "model_version": "quality-0123456789ab",
+                }
+            ]
+        }
+    )
+    grade: str = Field(description="`good` (readable as it is) or `poor` (P(good) < 0.5)")
+    probabilities: dict[str, float] = Field(description="calibrated probability of each grade")
+    model_version: str = Field(description="version of the quality grader's weights")
+
+
 class StatusResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ready"}]})
     status: str
@@ -101,7 +118,23 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def image_responses(description: str, media_types: tuple[str, ...]) -> dict[int | str, dict[str, Any]]:
+#: Headers of ``/enhance`` answers (see service/trust.py and the README's trust-signal section).
+TRUST_HEADERS: dict[str, Any] = {
+    name: {"schema": {"type": "string"}, "description": description}
+    for name, description in {
+        "X-Enhanced": "`true`, or `false` when only_if_needed returned the input unchanged",
+        "X-Quality-Before": "grade of the input and its P(good), e.g. `poor;p=0.124`",
+        "X-Quality-After": "grade of the output and its P(good)",
+        "X-Enhance-Uncertainty": "mean disagreement of the model's two stages inside the FOV (0–1)",
+        "X-Structure-Fidelity": "vessel maps of input and output: `dice=…;removed=…;added=…`",
+        "X-Structure-Warning": "present when the vessel Dice is below FUNDUS_STRUCTURE_MIN_DICE",
+    }.items()
+}
+
+
+def image_responses(
+    description: str, media_types: tuple[str, ...], extra_headers: dict[str, Any] | None = None
+) -> dict[int | str, dict[str, Any]]:
     ok: dict[str, Any] = {
         "description": description,
         "content": {media: {"schema": _BINARY} for media in media_types},
@@ -117,6 +150,7 @@ def image_responses(description: str, media_types: tuple[str, ...]) -> dict[int 
                 "description": "how the field of view was found",
             },
             "X-FOV-Confidence": {"schema": {"type": "string"}, "description": "0–1, for fitted and fallback"},
+            **(extra_headers or {}),
         },
     }
     return {200: ok, **_ERRORS}

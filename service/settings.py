@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.artifact import BUNDLED_WEIGHTS
+from model.quality import BUNDLED_QUALITY
 
 
 class Settings(BaseSettings):
@@ -80,6 +81,19 @@ class Settings(BaseSettings):
         description="CPU: keep freed activations in the heap (no page faults per batch; peak stays resident)",
     )
     warmup: bool = Field(default=True, description="run one model pass before reporting ready")
+    trust_signals: bool = Field(
+        default=True,
+        description="uncertainty and structure fidelity on every enhancement (one vessel pass more)",
+    )
+    quality_weights: str = Field(
+        default=str(BUNDLED_QUALITY), description="quality grader (.safetensors); empty disables grading"
+    )
+    structure_min_dice: float = Field(
+        default=0.7,
+        ge=0.0,
+        le=1.0,
+        description="vessel-map Dice below which an enhancement carries a warning",
+    )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     @field_validator("log_level")

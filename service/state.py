@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from model.quality import QualityModel
 from service.codecs import CodecRegistry
 from service.metrics import Metrics
 from service.queue.base import InferenceQueue
@@ -73,6 +74,7 @@ class ServiceState:
     info: ModelInfo | None = None
     runner: ModelRunner | None = None
     queue: InferenceQueue | None = None
+    quality: QualityModel | None = None
     ready: bool = False
     draining: bool = False
     not_ready_reason: str = "starting"

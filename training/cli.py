@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-PHASES = ("rsp", "pseudo-masks", "segmenter", "enhance", "all")
+PHASES = ("rsp", "pseudo-masks", "segmenter", "enhance", "quality", "all")
 
 
 def _setup_logging() -> None:
@@ -37,6 +37,7 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
         "pseudo-masks": "segment clean images without manual masks with the pretrained vessel branch",
         "segmenter": "independent vessel segmenter on clean photographs only (for evaluation)",
         "enhance": "phase 2: mean-teacher T-MAGE-Net training; exports the teacher artifact",
+        "quality": "the image-quality grader on DeepDRiD's labels, split by patient (minutes on a CPU)",
         "all": "every phase in order, then the evaluation and the model-card tables (resumable)",
     }
     for phase in PHASES:
@@ -54,27 +55,30 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
             metavar="KEY=VALUE",
             help="override a config value, e.g. --set enhance.steps=500 (repeatable)",
         )
-        if phase not in ("pseudo-masks", "all"):
+        if phase not in ("pseudo-masks", "all", "quality"):
             sub.add_argument(
                 "--resume",
                 metavar="DIR",
                 help="continue the run in DIR from its checkpoint, with the config saved there "
                 "(plus any --set, e.g. --set enhance.steps=4000 to extend it)",
             )
-        if phase != "pseudo-masks":
+        if phase not in ("pseudo-masks", "quality"):
             sub.add_argument(
                 "--max-minutes",
                 type=float,
                 default=0.0,
                 help="checkpoint and exit cleanly after this many minutes (0 = no limit)",
             )
-        if phase not in ("pseudo-masks", "all"):
+        if phase not in ("pseudo-masks", "all", "quality"):
             sub.add_argument(
                 "--stop-at",
                 type=int,
                 default=0,
                 help="checkpoint and exit once this step is reached (0 = run to the end)",
             )
+        if phase == "quality":
+            sub.set_defaults(func=run_train)
+            continue
         if phase == "all":
             sub.add_argument("--data", help="data root for the evaluation (default: data.root of the config)")
             sub.add_argument("--eval-limit", type=int, default=0, help="evaluate at most N images per group")
@@ -118,7 +122,11 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     summary: dict[str, Any]
     try:
-        if args.phase == "all":
+        if args.phase == "quality":
+            from training.phase_quality import train_quality
+
+            summary = train_quality(config)
+        elif args.phase == "all":
             from training.pipeline import run_all
 
             summary = run_all(
@@ -232,12 +240,51 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_eval_trust(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``eval-trust``: quality grades, uncertainty vs error and structure fidelity on the test split."""
+    parser = subparsers.add_parser(
+        "eval-trust", help="check the trust signals of /enhance on the test split; writes trust.json"
+    )
+    parser.add_argument("--weights", required=True, help="weight artifact (.safetensors)")
+    parser.add_argument("--quality", default=None, help="quality grader (default: the bundled one)")
+    parser.add_argument("--data", default="../shared/data", help="data root with splits.json")
+    parser.add_argument("--out", required=True, help="output folder for trust.json")
+    parser.add_argument("--seeds", type=int, default=4, help="degraded copies per clean photograph")
+    parser.add_argument("--limit", type=int, default=0, help="at most N images per group (0 = all)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.set_defaults(func=run_eval_trust)
+
+
+def run_eval_trust(args: argparse.Namespace) -> int:
+    from model.artifact import ArtifactError
+    from model.quality import BUNDLED_QUALITY
+    from training.evaluate_trust import evaluate_trust
+
+    _setup_logging()
+    try:
+        report = evaluate_trust(
+            args.weights,
+            args.quality or BUNDLED_QUALITY,
+            args.data,
+            args.out,
+            seeds=args.seeds,
+            limit=args.limit,
+            device=args.device,
+        )
+    except (ArtifactError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    print(json.dumps(report["summary"], indent=1))  # noqa: T201
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry (``python -m training.cli train ...``), used under torchrun."""
     parser = argparse.ArgumentParser(prog="training.cli")
     subparsers = parser.add_subparsers(dest="command", required=True)
     register_train(subparsers)
     register_eval(subparsers)
+    register_eval_trust(subparsers)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -194,6 +194,31 @@ class SegmenterPhaseConfig:
 
 
 @dataclass
+class QualityPhaseConfig:
+    """The image-quality grader (:mod:`model.quality`, :mod:`training.phase_quality`).
+
+    Attributes:
+        set: folder set with a ``quality.csv`` (patient ids, ``overall_quality``).
+        epochs, batch_size, lr: schedule (AdamW, one-cycle).
+        width: first-block width of the CNN.
+        val_fraction, test_fraction: shares of the patients held out for validation and test.
+        degrade_good_prob: chance a good photograph of the set is Cofe-degraded into a poor example
+            (clean extras: one in two).
+        ranking_weight: weight of the pairwise term ranking each degraded copy below its original.
+    """
+
+    set: str = "deepdrid"
+    epochs: int = 16
+    batch_size: int = 32
+    lr: float = 2e-3
+    width: int = 16
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    degrade_good_prob: float = 0.25
+    ranking_weight: float = 1.0
+
+
+@dataclass
 class PseudoPhaseConfig:
     """Pseudo-mask generation with the pretrained vessel branch.
 
@@ -309,6 +334,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     rsp: RspPhaseConfig = field(default_factory=RspPhaseConfig)
     segmenter: SegmenterPhaseConfig = field(default_factory=SegmenterPhaseConfig)
+    quality: QualityPhaseConfig = field(default_factory=QualityPhaseConfig)
     pseudo: PseudoPhaseConfig = field(default_factory=PseudoPhaseConfig)
     enhance: EnhancePhaseConfig = field(default_factory=EnhancePhaseConfig)
 

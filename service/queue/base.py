@@ -55,6 +55,9 @@ class JobResult:
         queue_seconds: enqueue → batch start.
         inference_seconds: the whole batch's model time.
         batch_size: how many jobs shared the model pass.
+        uncertainty: uint8 [S, S] stage-disagreement map (``Task.ENHANCE`` with trust signals).
+        uncertainty_mean: its mean inside the field of view, on [0, 1].
+        fidelity: ``{"dice", "removed", "added"}`` of the vessel maps of input and output.
     """
 
     image: np.ndarray | None
@@ -62,6 +65,9 @@ class JobResult:
     queue_seconds: float
     inference_seconds: float
     batch_size: int
+    uncertainty: np.ndarray | None = None
+    uncertainty_mean: float | None = None
+    fidelity: dict[str, float] | None = None
 
 
 class QueueError(Exception):

@@ -254,11 +254,15 @@ def encode_result(job_id: str, result: JobResult) -> dict[str, bytes | str]:
         "inf": repr(float(result.inference_seconds)),
         "bs": str(int(result.batch_size)),
     }
-    for name, array in (("img", result.image), ("ves", result.vessels)):
+    for name, array in (("img", result.image), ("ves", result.vessels), ("unc", result.uncertainty)):
         if array is not None:
             data = np.ascontiguousarray(array, dtype=np.uint8)
             fields[name] = data.tobytes()
             fields[f"{name}_shape"] = ",".join(str(d) for d in data.shape)
+    if result.uncertainty_mean is not None:
+        fields["um"] = repr(float(result.uncertainty_mean))
+    if result.fidelity is not None:
+        fields["fid"] = json.dumps(result.fidelity)
     return fields
 
 
@@ -288,12 +292,20 @@ def decode_reply(fields: Fields) -> Reply:
         raise ProtocolError(f"unknown reply status {status!r}")
     image = _array(fields, b"img", b"img_shape") if b"img" in fields else None
     vessels = _array(fields, b"ves", b"ves_shape") if b"ves" in fields else None
+    uncertainty = _array(fields, b"unc", b"unc_shape") if b"unc" in fields else None
+    try:
+        fidelity = json.loads(_text(fields, b"fid")) if b"fid" in fields else None
+    except ValueError as exc:
+        raise ProtocolError("reply has a malformed fidelity field") from exc
     result = JobResult(
         image=image,
         vessels=vessels,
         queue_seconds=_number(fields, b"q"),
         inference_seconds=_number(fields, b"inf"),
         batch_size=int(_number(fields, b"bs")),
+        uncertainty=uncertainty,
+        uncertainty_mean=_number(fields, b"um") if b"um" in fields else None,
+        fidelity=fidelity if isinstance(fidelity, dict) else None,
     )
     return Reply(job_id=job_id, result=result)
 

@@ -19,6 +19,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from model.fov_detect import FovEstimate
+from model.quality import QualityGrade
 from service.auth import require_api_key
 from service.codecs import Codec, CodecError, CodecRegistry, DecodedImage, EncodeContext
 from service.errors import ApiError
@@ -35,9 +36,10 @@ from service.imaging import (
 from service.logging import current_request_id
 from service.queue.base import BackendUnavailable, DeadlineExceeded, InferenceQueue, Job, JobResult, Task
 from service.queue.embedded import EmbeddedQueue
-from service.schemas import IMAGE_REQUEST_BODY, image_responses
+from service.schemas import IMAGE_REQUEST_BODY, TRUST_HEADERS, image_responses
 from service.state import ServiceState, get_state
-from service.upload import BodyLimits, read_upload
+from service.trust import TrustReport, enhancement_report, grade_working
+from service.upload import BodyLimits, Upload, read_upload
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["images"])
 
@@ -78,7 +80,7 @@ OutputSizeQuery = Annotated[
 ]
 
 
-def _reject_unknown_query(request: Request, allowed: set[str]) -> None:
+def reject_unknown_query(request: Request, allowed: set[str]) -> None:
     unknown = sorted(set(request.query_params) - allowed)
     if unknown:
         raise ApiError(400, "bad_request", f"unknown query parameter(s): {', '.join(unknown)}")
@@ -161,16 +163,20 @@ def _server_timing(**durations_s: float) -> str:
     return ", ".join(f"{name};dur={seconds * 1000.0:.1f}" for name, seconds in durations_s.items())
 
 
-async def _decode_prepare(state: ServiceState, request: Request, fov: str) -> Prepared:
+async def decode_prepare(
+    state: ServiceState, request: Request, fov: str, grade: bool = False
+) -> tuple[Upload, Prepared, QualityGrade | None]:
+    """Read, decode and crop the upload; with ``grade``, also grade the working image's quality."""
     upload = await read_upload(request, state.settings.max_upload_bytes, body_limits(state))
     assert state.info is not None
     working_size = state.info.working_size
 
-    def work() -> Prepared:
+    def work() -> tuple[Upload, Prepared, QualityGrade | None]:
         decoded = decode_upload(
             state.codecs, upload, max_pixels=state.settings.max_pixels, min_side=state.settings.min_image_side
         )
-        return prepare(decoded, working_size, fov)  # type: ignore[arg-type]
+        prepared = prepare(decoded, working_size, fov)  # type: ignore[arg-type]
+        return upload, prepared, grade_working(state.quality, prepared.working) if grade else None
 
     return await state.cpu(work)
 
@@ -240,11 +246,15 @@ async def _model_request(
     store: bool | None = None,
     report: str = "file",
     fov: str = "auto",
+    only_if_needed: bool = False,
+    output: str = "image",
 ) -> Response:
     state = get_state(request)
     if state.queue is None or state.info is None or not state.ready:
         raise BackendUnavailable("the model is not loaded yet", retry_after_s=1)
     _check_store(state, store, report)
+    _check_trust_options(state, only_if_needed, output, fmt)
+    enhance = task is Task.ENHANCE
     metrics = state.metrics
     queue = state.queue
     request_id = current_request_id() or secrets.token_hex(8)
@@ -255,11 +265,15 @@ async def _model_request(
         queue.announce(request_id)
     try:
         clock = time.perf_counter()
-        prepared = await _decode_prepare(state, request, fov)
-        default_format = _default_format(state.codecs, prepared.decoded)
+        upload, prepared, before = await decode_prepare(state, request, fov, grade=enhance)
+        default_format = "png" if output == "uncertainty" else _default_format(state.codecs, prepared.decoded)
         codec = choose_output_codec(state.codecs, fmt, request.headers.get("accept"), default_format)
         preprocess_s = time.perf_counter() - clock
         metrics.preprocess_duration.observe(preprocess_s)
+        if only_if_needed and output == "image" and before is not None and before.grade == "good":
+            return await _already_good(
+                state, request, upload, prepared, before, codec, output_size, store, report
+            )
         job = Job(
             request_id=request_id,
             task=task,
@@ -273,15 +287,34 @@ async def _model_request(
     metrics.queue_wait.observe(result.queue_seconds)
 
     clock = time.perf_counter()
+    trust = TrustReport()
+    if enhance:
+        trust = await state.cpu(
+            enhancement_report, state.quality, before, result, state.settings.structure_min_dice
+        )
+        trust.observe(metrics)
+    description = "T-MAGE-Net enhancement" if enhance else "T-MAGE-Net vessel probability"
     context = EncodeContext(
         task=task.value,
         model_version=state.model_version,
-        description="T-MAGE-Net enhancement" if task is Task.ENHANCE else "T-MAGE-Net vessel probability",
+        description="; ".join(part for part in (description, trust.summary()) if part),
         extra=_encode_extra(codec, request),
     )
 
     def finish() -> bytes:
-        if task is Task.ENHANCE:
+        if output == "uncertainty":
+            if result.uncertainty is None:
+                # Only when the model workers run with FUNDUS_TRUST_SIGNALS=false and the API does not.
+                raise ApiError(
+                    503, "uncertainty_unavailable", "the model workers do not compute uncertainty maps"
+                )
+            pixels = restore_vessels(
+                prepared,
+                result.uncertainty,
+                output_size=output_size,  # type: ignore[arg-type]
+                threshold=None,
+            )
+        elif enhance:
             assert result.image is not None
             pixels = in_input_format(
                 prepared.decoded,
@@ -312,7 +345,66 @@ async def _model_request(
         "Server-Timing": timing,
         "X-Batch-Size": str(result.batch_size),
         **fov_headers(prepared.view.fov),
+        **trust.headers(),
     }
+    if enhance:
+        headers["X-Enhanced"] = "true"
+    return await _deliver(state, body, codec, headers, store, report)
+
+
+def _check_trust_options(state: ServiceState, only_if_needed: bool, output: str, fmt: str | None) -> None:
+    """Refuse, before any work, the options this configuration cannot honour (400)."""
+    if only_if_needed and state.quality is None:
+        raise ApiError(
+            400,
+            "unsupported_option",
+            "only_if_needed needs the quality grader (FUNDUS_QUALITY_WEIGHTS is empty)",
+        )
+    if output != "uncertainty":
+        return
+    if not state.settings.trust_signals:
+        raise ApiError(
+            400, "unsupported_option", "output=uncertainty needs trust signals (FUNDUS_TRUST_SIGNALS=false)"
+        )
+    if fmt is not None and fmt not in ("png", "tiff"):
+        raise ApiError(400, "unsupported_format", "the uncertainty map is available as png or tiff")
+
+
+async def _already_good(
+    state: ServiceState,
+    request: Request,
+    upload: Upload,
+    prepared: Prepared,
+    before: QualityGrade,
+    codec: Codec,
+    output_size: str,
+    store: bool | None,
+    report: str,
+) -> Response:
+    """``only_if_needed`` on a photograph graded good: the input unchanged, ``X-Enhanced: false``.
+
+    In the upload's own format and geometry the upload's bytes come back as they were sent (a DICOM
+    instance keeps its UIDs); otherwise its decoded pixels are encoded in the format asked for.
+    """
+    state.metrics.skipped_enhancements.inc()
+    state.metrics.quality_before.observe(before.probabilities["good"])
+    headers = {
+        "X-Enhanced": "false",
+        "X-Quality-Before": before.header(),
+        **fov_headers(prepared.view.fov),
+    }
+    if codec.media_type == prepared.decoded.media_type and output_size == "original":
+        return await _deliver(state, upload.data, codec, headers, store, report)
+    context = EncodeContext(
+        task="enhance",
+        model_version=state.model_version,
+        description=f"not enhanced: quality {before.header().replace(';', ' ')}",
+        extra=_encode_extra(codec, request),
+    )
+    pixels = prepared.working if output_size == "model" else prepared.decoded.pixels
+    body = await state.cpu(
+        _encode, codec, in_input_format(prepared.decoded, pixels), prepared.decoded, context
+    )
     return await _deliver(state, body, codec, headers, store, report)
 
 
@@ -320,7 +412,11 @@ async def _model_request(
     "/enhance",
     summary="Enhance a fundus photograph",
     response_class=Response,
-    responses=image_responses("the enhanced image, in the input's geometry by default", _IMAGE_MEDIA),
+    responses=image_responses(
+        "the enhanced image (or its uncertainty map), in the input's geometry by default",
+        _IMAGE_MEDIA,
+        TRUST_HEADERS,
+    ),
     openapi_extra=IMAGE_REQUEST_BODY,
 )
 async def enhance(
@@ -330,10 +426,34 @@ async def enhance(
     store: StoreQuery = None,
     report: ReportQuery = "file",
     fov: FovQuery = "auto",
+    only_if_needed: Annotated[
+        bool,
+        Query(
+            description="when the photograph is already graded good, return it unchanged "
+            "(`X-Enhanced: false`) instead of enhancing it"
+        ),
+    ] = False,
+    output: Annotated[
+        Literal["image", "uncertainty"],
+        Query(
+            description="`image`: the enhanced photograph; `uncertainty`: the 8-bit per-pixel uncertainty "
+            "map (disagreement of the two stages, ×4 gain) in the same geometry, PNG or TIFF"
+        ),
+    ] = "image",
 ) -> Response:
-    _reject_unknown_query(request, {"format", "output_size", "store", "report", "fov"})
+    reject_unknown_query(
+        request, {"format", "output_size", "store", "report", "fov", "only_if_needed", "output"}
+    )
     return await _model_request(
-        request, Task.ENHANCE, format, output_size, store=store, report=report, fov=fov
+        request,
+        Task.ENHANCE,
+        format,
+        output_size,
+        store=store,
+        report=report,
+        fov=fov,
+        only_if_needed=only_if_needed,
+        output=output,
     )
 
 
@@ -357,7 +477,7 @@ async def segment(
     report: ReportQuery = "file",
     fov: FovQuery = "auto",
 ) -> Response:
-    _reject_unknown_query(request, {"format", "output_size", "threshold", "store", "report", "fov"})
+    reject_unknown_query(request, {"format", "output_size", "threshold", "store", "report", "fov"})
     return await _model_request(
         request, Task.SEGMENT, format, output_size, threshold, store=store, report=report, fov=fov
     )
@@ -414,7 +534,7 @@ async def degrade_endpoint(
     report: ReportQuery = "file",
     fov: FovQuery = "auto",
 ) -> Response:
-    _reject_unknown_query(request, {"seed", "types", "mode", "format", "store", "report", "fov"})
+    reject_unknown_query(request, {"seed", "types", "mode", "format", "store", "report", "fov"})
     # A degraded copy reaches a PACS only when asked for explicitly, never by default.
     store = bool(store)
     state = get_state(request)
@@ -476,7 +596,7 @@ async def degrade_endpoint(
     openapi_extra=IMAGE_REQUEST_BODY,
 )
 async def render(request: Request) -> Response:
-    _reject_unknown_query(request, set())
+    reject_unknown_query(request, set())
     state = get_state(request)
     upload = await read_upload(request, state.settings.max_upload_bytes, body_limits(state))
     codec = state.codecs.by_format("png")

@@ -73,7 +73,8 @@ def test_traffic_reached_the_service(traffic: dict[str, int]) -> None:
 def test_dashboard_has_the_required_panels() -> None:
     titles = " | ".join(title for title, _ in dashboard_queries()).lower()
     for words in ("requests per second by status", "p50 / p95 / p99", "queue wait vs inference per worker",
-                  "average batch size", "queue depth", "rejections", "workers alive"):
+                  "average batch size", "queue depth", "rejections", "workers alive",
+                  "quality before vs after", "uncertainty", "structure fidelity", "structure warnings"):
         assert words in titles, words
 
 

@@ -85,6 +85,25 @@ def test_reply_round_trips() -> None:
     assert isinstance(decode_reply(unknown).error, InferenceFailed)
 
 
+def test_reply_carries_the_trust_signals() -> None:
+    image = np.zeros((3, 4, 4), dtype=np.uint8)
+    uncertainty = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    fidelity = {"dice": 0.81, "removed": 0.1, "added": 0.25}
+    result = JobResult(
+        image, None, 0.5, 0.25, 1, uncertainty=uncertainty, uncertainty_mean=0.0123, fidelity=fidelity
+    )
+    decoded = decode_reply(as_wire(encode_result("j", result))).result
+    assert decoded is not None
+    np.testing.assert_array_equal(decoded.uncertainty, uncertainty)
+    assert decoded.uncertainty_mean == 0.0123 and decoded.fidelity == fidelity
+    plain = decode_reply(as_wire(encode_result("j", JobResult(image, None, 0.5, 0.25, 1)))).result
+    assert plain is not None and plain.uncertainty is None and plain.fidelity is None
+    broken = as_wire(encode_result("j", result))
+    broken[b"fid"] = b"{not json"
+    with pytest.raises(ProtocolError):
+        decode_reply(broken)
+
+
 def test_dead_letter_keeps_no_pixels() -> None:
     fields = as_wire(encode_request(make_job("d"), job_id="j", reply_to="r", reply_maxlen=1, reply_ttl_s=1))
     record = encode_dead_letter("1-0", fields, reason="boom", deliveries=4, worker="w", at=1.0)

@@ -74,6 +74,14 @@ def test_redis_mode_round_trip_through_a_worker(
             assert enhanced.status_code == 200, enhanced.text
             assert decode(enhanced.content).size == (150, 110)
             assert "inference;dur=" in enhanced.headers["server-timing"]
+            # The worker's trust signals travel back through Redis.
+            assert enhanced.headers["x-structure-fidelity"].startswith("dice=")
+            assert float(enhanced.headers["x-enhance-uncertainty"]) >= 0.0
+            assert enhanced.headers["x-quality-after"].split(";")[0] in ("good", "poor")
+            uncertainty = client.post(
+                "/enhance?output=uncertainty", content=body, headers={"content-type": "image/png"}
+            )
+            assert uncertainty.status_code == 200 and decode(uncertainty.content).size == (150, 110)
             vessels = client.post("/segment?threshold=0.5", files={"file": ("a.png", body, "image/png")})
             assert vessels.status_code == 200 and decode(vessels.content).mode == "L"
     finally:
