@@ -27,24 +27,33 @@ def select_device(preference: str = "auto") -> torch.device:
 
 @contextlib.contextmanager
 def autocast(device: torch.device, enabled: bool = True) -> Iterator[None]:
-    """bf16/fp16 autocast on CUDA (bf16 where supported), a no-op on CPU."""
+    """bf16/fp16 autocast on CUDA (bf16 where supported), a no-op on CPU.
+
+    While a CUDA graph is being captured, autocast's cache of cast weights is off: a cached cast
+    made during capture would live in the graph's private memory and go stale.
+    """
     if enabled and device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        with torch.autocast(device_type="cuda", dtype=dtype):
+        capturing = torch.cuda.is_current_stream_capturing()
+        with torch.autocast(device_type="cuda", dtype=dtype, cache_enabled=not capturing):
             yield
     else:
         yield
 
 
-def conv_memory_format(device: torch.device) -> torch.memory_format:
+def conv_memory_format(device: torch.device, *, inference: bool = False) -> torch.memory_format:
     """The memory layout the networks' weights and activations should use on ``device``.
 
     On the CPU, oneDNN runs this network's many small-channel, full-resolution convolutions in
     NHWC without reordering each input to its blocked layout and back: ``channels_last`` halves
     the lite preset's 512² forward time on two cores and takes about a sixth off a training step.
-    CUDA keeps the default layout, which is the one that has been measured there.
+    For inference on CUDA with bf16 autocast, cuDNN's NHWC kernels ran the paper preset's batched
+    forward about 11 % faster than NCHW on an H200 (60 against 54 images/s); CUDA training keeps
+    the default layout, which is the one its timings were measured with.
     """
-    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    if device.type == "cpu" or (inference and device.type == "cuda"):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 # Freed heap above this stays with the process; the same values as an environment for new processes.

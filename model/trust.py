@@ -41,10 +41,15 @@ def stage_disagreement(stage2: torch.Tensor, stage1: torch.Tensor) -> torch.Tens
     return (stage2.float().clamp(0, 1) - stage1.float().clamp(0, 1)).abs().mean(dim=1)
 
 
+def uncertainty_map(disagreement: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) float disagreement → uint8 map on the same device (× 255 × :data:`UNCERTAINTY_GAIN`,
+    saturated)."""
+    return (disagreement * (255.0 * UNCERTAINTY_GAIN)).clamp_(0, 255).add_(0.5).to(torch.uint8)
+
+
 def uncertainty_to_uint8(disagreement: torch.Tensor) -> np.ndarray:
-    """(B, H, W) float disagreement → uint8 map (× 255 × :data:`UNCERTAINTY_GAIN`, saturated)."""
-    scaled = (disagreement * (255.0 * UNCERTAINTY_GAIN)).clamp_(0, 255).add_(0.5).to(torch.uint8)
-    return scaled.cpu().contiguous().numpy()
+    """:func:`uncertainty_map` as a C-contiguous numpy array on the CPU."""
+    return uncertainty_map(disagreement).cpu().contiguous().numpy()
 
 
 def field_of_view(working: torch.Tensor) -> torch.Tensor:
@@ -52,19 +57,33 @@ def field_of_view(working: torch.Tensor) -> torch.Tensor:
     return working.amax(dim=1) > (2.0 / 255.0)
 
 
-def structure_fidelity(
+def fov_means(values: torch.Tensor, fov: torch.Tensor) -> torch.Tensor:
+    """(B,) mean of (B, H, W) ``values`` inside each image's bool FOV (0 without one).
+
+    Fixed shapes and no host synchronisation, so it can run inside a captured CUDA graph.
+    """
+    inside = fov.to(values.dtype)
+    return (values * inside).sum(dim=(1, 2)) / inside.sum(dim=(1, 2)).clamp(min=1.0)
+
+
+def vessel_counts(
     vessels_in: torch.Tensor,
     vessels_out: torch.Tensor,
     fov: torch.Tensor,
     threshold: float = VESSEL_THRESHOLD,
-) -> list[StructureFidelity]:
-    """One :class:`StructureFidelity` per image of (B, H, W) probabilities and a (B, H, W) bool FOV."""
+) -> torch.Tensor:
+    """(B, 3) int64 counts inside the FOV: input vessel pixels, output vessel pixels, and both, from
+    (B, H, W) probabilities. Graph-safe like :func:`fov_means`."""
     before = (vessels_in >= threshold) & fov
     after = (vessels_out >= threshold) & fov
+    dims = (1, 2)
+    return torch.stack([before.sum(dim=dims), after.sum(dim=dims), (before & after).sum(dim=dims)], dim=1)
+
+
+def fidelity_from_counts(counts: np.ndarray) -> list[StructureFidelity]:
+    """One :class:`StructureFidelity` per row of :func:`vessel_counts`."""
     out = []
-    for b, a in zip(before, after, strict=True):
-        n_before, n_after = int(b.sum()), int(a.sum())
-        both = int((b & a).sum())
+    for n_before, n_after, both in np.asarray(counts, dtype=np.int64).tolist():
         dice = 2.0 * both / (n_before + n_after) if n_before + n_after else 1.0
         base = max(n_before, 1)
         out.append(
@@ -77,9 +96,16 @@ def structure_fidelity(
     return out
 
 
+def structure_fidelity(
+    vessels_in: torch.Tensor,
+    vessels_out: torch.Tensor,
+    fov: torch.Tensor,
+    threshold: float = VESSEL_THRESHOLD,
+) -> list[StructureFidelity]:
+    """One :class:`StructureFidelity` per image of (B, H, W) probabilities and a (B, H, W) bool FOV."""
+    return fidelity_from_counts(vessel_counts(vessels_in, vessels_out, fov, threshold).cpu().numpy())
+
+
 def mean_in_fov(disagreement: torch.Tensor, fov: torch.Tensor) -> list[float]:
     """Per image: the mean disagreement inside the field of view."""
-    values = []
-    for d, f in zip(disagreement, fov, strict=True):
-        values.append(round(float(d[f].mean()) if bool(f.any()) else 0.0, 5))
-    return values
+    return [round(value, 5) for value in fov_means(disagreement.float(), fov).tolist()]

@@ -20,22 +20,11 @@ import numpy as np
 import torch
 
 from model.artifact import Artifact, load_artifact
-from model.device import (
-    GLIBC_HEAP_TUNABLES,
-    autocast,
-    conv_memory_format,
-    reuse_freed_memory,
-    select_device,
-)
+from model.cuda_graphs import GraphedPasses, batch_buckets
+from model.device import GLIBC_HEAP_TUNABLES, conv_memory_format, reuse_freed_memory, select_device
+from model.inference import Mode, served_pass
 from model.magenet import MageNet
-from model.trust import (
-    StructureFidelity,
-    field_of_view,
-    mean_in_fov,
-    stage_disagreement,
-    structure_fidelity,
-    uncertainty_to_uint8,
-)
+from model.trust import StructureFidelity, fidelity_from_counts
 from service.queue.base import Job, JobResult, Task
 from service.settings import Settings
 
@@ -65,10 +54,9 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def _to_uint8(values: torch.Tensor) -> np.ndarray:
-    """[0, 1] float tensor (any layout) → rounded, C-contiguous uint8 numpy array on the CPU."""
-    scaled = values.float().clamp_(0.0, 1.0).mul_(255.0).add_(0.5).to(torch.uint8)
-    return scaled.cpu().contiguous().numpy()
+def _numpy(value: torch.Tensor) -> np.ndarray:
+    """A host tensor (any layout) as a C-contiguous numpy array."""
+    return value.contiguous().numpy()
 
 
 class ModelRunner:
@@ -92,13 +80,26 @@ class ModelRunner:
         *,
         on_batch: BatchObserver | None = None,
         trust_signals: bool = True,
+        cuda_graphs: bool = False,
+        max_batch_size: int = 8,
     ) -> None:
-        self.memory_format = conv_memory_format(device)
+        self.memory_format = conv_memory_format(device, inference=True)
         self.model = model.to(memory_format=self.memory_format)
         self.device = device
         self.working_size = working_size
         self.on_batch = on_batch
         self.trust_signals = trust_signals
+        self.graphs: GraphedPasses | None = None
+        if cuda_graphs and device.type == "cuda":
+            self.graphs = GraphedPasses(
+                self._device_pass, device, working_size, batch_buckets(max_batch_size)
+            )
+
+    def _device_pass(self, pixels: torch.Tensor, mode: Mode) -> dict[str, torch.Tensor]:
+        """The served pass over a uint8 device batch (see :func:`model.inference.served_pass`)."""
+        return served_pass(
+            self.model, pixels, mode=mode, trust=self.trust_signals, memory_format=self.memory_format
+        )
 
     def infer(self, pixels: np.ndarray, *, need_image: bool, need_vessels: bool) -> BatchOutput:
         """One pass over uint8 [B, 3, S, S]; halves the batch and retries on out-of-memory."""
@@ -127,34 +128,22 @@ class ModelRunner:
             )
 
     def _forward(self, pixels: np.ndarray, *, need_image: bool, need_vessels: bool) -> BatchOutput:
-        with torch.inference_mode():
-            batch = torch.from_numpy(pixels).to(self.device, non_blocking=True).float().div_(255.0)
-            batch = batch.contiguous(memory_format=self.memory_format)
-            if need_image and self.trust_signals:
-                return self._forward_with_trust(batch, need_vessels=need_vessels)
-            with autocast(self.device):
-                image, vessels = self.model.infer(batch, need_image=need_image, need_vessels=need_vessels)
-            return BatchOutput(
-                images=None if image is None else _to_uint8(image),
-                vessels=None if vessels is None else _to_uint8(vessels[:, 0]),
-            )
-
-    def _forward_with_trust(self, batch: torch.Tensor, *, need_vessels: bool) -> BatchOutput:
-        """The enhanced images plus the trust signals: one full pass (both stage images and the input's
-        vessel map) and one pass of the vessel branch over the output."""
-        with autocast(self.device):
-            output = self.model(batch)
-            image = output.images[0].clamp(0.0, 1.0)
-            vessels_out = self.model.vessels.predict(image)[:, 0].float()
-        vessels_in = torch.softmax(output.vessel_logits[-1].float(), dim=1)[:, 1]
-        disagreement = stage_disagreement(output.images[0], output.images[1])
-        fov = field_of_view(batch)
+        mode: Mode = "image" if need_image else "vessels"
+        host = torch.from_numpy(pixels)
+        if self.graphs is not None:
+            outputs = self.graphs.run(host, mode)
+        else:
+            with torch.inference_mode():
+                on_device = self._device_pass(host.to(self.device, non_blocking=True), mode)
+                outputs = {name: value.cpu() for name, value in on_device.items()}
+        means = outputs.get("uncertainty_mean")
+        counts = outputs.get("vessel_counts")
         return BatchOutput(
-            images=_to_uint8(image),
-            vessels=_to_uint8(vessels_in) if need_vessels else None,
-            uncertainty=uncertainty_to_uint8(disagreement),
-            uncertainty_means=mean_in_fov(disagreement, fov),
-            fidelity=structure_fidelity(vessels_in, vessels_out, fov),
+            images=_numpy(outputs["image"]) if "image" in outputs else None,
+            vessels=_numpy(outputs["vessels"]) if need_vessels else None,
+            uncertainty=_numpy(outputs["uncertainty"]) if "uncertainty" in outputs else None,
+            uncertainty_means=None if means is None else [round(v, 5) for v in means.tolist()],
+            fidelity=None if counts is None else fidelity_from_counts(counts.numpy()),
         )
 
     def run_jobs(self, jobs: Sequence[Job]) -> list[JobResult]:
@@ -202,8 +191,15 @@ class ModelRunner:
         return results
 
     def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> float:
-        """Run zero batches through both outputs (allocator, cudnn autotune); returns seconds taken."""
+        """Run zero batches through both outputs (allocator, cudnn autotune), or capture every CUDA
+        graph; returns seconds taken."""
         clock = time.perf_counter()
+        if self.graphs is not None:
+            seconds = self.graphs.capture_all()
+            log.info(
+                "CUDA graphs captured", extra={"seconds": round(seconds, 2), "buckets": self.graphs.buckets}
+            )
+            return time.perf_counter() - clock
         size = self.working_size
         for count in batch_sizes:
             self.infer(np.zeros((count, 3, size, size), dtype=np.uint8), need_image=True, need_vessels=True)
@@ -248,5 +244,7 @@ def load_runner(settings: Settings, *, on_batch: BatchObserver | None = None) ->
         int(artifact.config.working_size),
         on_batch=on_batch,
         trust_signals=settings.trust_signals,
+        cuda_graphs=settings.cuda_graphs,
+        max_batch_size=settings.max_batch_size,
     )
     return runner, artifact

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
         description="CPU: keep freed activations in the heap (no page faults per batch; peak stays resident)",
     )
     warmup: bool = Field(default=True, description="run one model pass before reporting ready")
+    cuda_graphs: bool = Field(
+        default=True,
+        description="CUDA only: replay the model pass as CUDA graphs, one per batch-size bucket "
+        "(captured at warm-up)",
+    )
     trust_signals: bool = Field(
         default=True,
         description="uncertainty and structure fidelity on every enhancement (one vessel pass more)",

@@ -58,7 +58,8 @@ def test_select_device() -> None:
 
 def test_cpu_inference_uses_channels_last() -> None:
     assert conv_memory_format(torch.device("cpu")) is torch.channels_last
-    assert conv_memory_format(torch.device("cuda")) is torch.contiguous_format
+    assert conv_memory_format(torch.device("cuda")) is torch.contiguous_format  # training
+    assert conv_memory_format(torch.device("cuda"), inference=True) is torch.channels_last
 
 
 def _churn_faults(mode: str) -> tuple[int, int]:

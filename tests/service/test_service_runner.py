@@ -61,25 +61,22 @@ def test_wrong_input_shape_is_refused(runner: ModelRunner) -> None:
 def test_out_of_memory_halves_the_batch(
     runner: ModelRunner, monkeypatch: pytest.MonkeyPatch, trust_signals: bool
 ) -> None:
-    # Without trust signals the runner calls ``infer``; with them, the full forward pass.
-    method = "forward" if trust_signals else "infer"
-    real = getattr(runner.model, method)
+    real = runner.model.forward
     sizes: list[int] = []
 
-    def limited(x: torch.Tensor, **kwargs: bool):  # type: ignore[no-untyped-def]
+    def limited(x: torch.Tensor):  # type: ignore[no-untyped-def]
         sizes.append(int(x.shape[0]))
         if x.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(x, **kwargs)
+        return real(x)
 
-    monkeypatch.setattr(runner.model, method, limited)
+    monkeypatch.setattr(runner.model, "forward", limited)
     monkeypatch.setattr(runner, "trust_signals", trust_signals)
     results = runner.run_jobs(_jobs(runner.working_size, [Task.ENHANCE] * 5))
     assert len(results) == 5 and all(r.image is not None for r in results)
     assert sizes[0] == 5 and sum(s for s in sizes if s <= 2) == 5  # every image ran once, in halves
-    if trust_signals:
-        assert all(r.uncertainty is not None and r.fidelity is not None for r in results)
-        assert all(r.uncertainty_mean is not None for r in results)
+    assert all((r.uncertainty is not None and r.fidelity is not None) is trust_signals for r in results)
+    assert all((r.uncertainty_mean is not None) is trust_signals for r in results)
 
 
 def test_cpu_runner_runs_channels_last_and_matches_the_default_layout(
