@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,9 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
+
+from model.weight_files import read_weights, state_tensors, write_weights
 
 KIND = "fundus-quality"
 #: Side of the square image the grader sees.
@@ -121,9 +120,7 @@ def _resize(image: np.ndarray) -> np.ndarray:
 
 def save_quality(path: str | Path, net: QualityNet, temperature: float, training: dict[str, Any]) -> str:
     """Write the grader (atomically); returns its version ``quality-<sha12>``."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+    tensors = state_tensors(net)
     digest = hashlib.sha256()
     for name in sorted(tensors):
         digest.update(name.encode())
@@ -136,23 +133,13 @@ def save_quality(path: str | Path, net: QualityNet, temperature: float, training
         "version": version,
         "training": json.dumps(training),
     }
-    tmp = target.with_name(f".{target.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.chmod(0o644)  # a shipped file, read by the service's unprivileged user
-    os.replace(tmp, target)
+    write_weights(path, tensors, metadata)
     return version
 
 
 def load_quality(path: str | Path) -> QualityModel:
     """The grader stored at ``path`` (CPU, eval mode); ValueError when it is not one."""
-    source = Path(path)
-    if not source.is_file():
-        raise FileNotFoundError(f"quality model not found: {source}")
-    with safe_open(str(source), framework="pt") as handle:
-        meta = handle.metadata() or {}
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    if meta.get("kind") != KIND:
-        raise ValueError(f"{source.name} is not a quality model")
+    meta, tensors = read_weights(path, KIND, "quality model")
     net = QualityNet(int(meta["width"]))
     net.load_state_dict(tensors, strict=True)
     net.eval()

@@ -13,17 +13,15 @@ AG-Net branch, so the two do not share blind spots by construction.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from model.blocks import crop_to, pad_to_multiple
+from model.weight_files import read_weights, state_tensors, write_weights
 
 KIND = "fundus-independent-segmenter"
 #: The segmenter shipped with the repository (``fundus eval`` uses it unless told otherwise).
@@ -89,25 +87,13 @@ def segmenter_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def save_segmenter(path: str | Path, net: SegmenterNet, training: dict[str, Any]) -> None:
     """Write the weights with their width and a training summary; atomic."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
     metadata = {"kind": KIND, "width": str(net.width), "training": json.dumps(training)}
-    tmp = target.with_name(f".{target.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, target)
+    write_weights(path, state_tensors(net), metadata)
 
 
 def load_segmenter(path: str | Path, device: torch.device | None = None) -> SegmenterNet:
     """The segmenter stored at ``path``, in eval mode on ``device`` (CPU by default)."""
-    source = Path(path)
-    if not source.is_file():
-        raise FileNotFoundError(f"independent segmenter not found: {source} (run `fundus train segmenter`)")
-    with safe_open(str(source), framework="pt") as handle:
-        meta = handle.metadata() or {}
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    if meta.get("kind") != KIND:
-        raise ValueError(f"{source.name} is not an independent-segmenter weight file")
+    meta, tensors = read_weights(path, KIND, "independent segmenter", "run `fundus train segmenter`")
     net = SegmenterNet(int(meta["width"]))
     net.load_state_dict(tensors, strict=True)
     return net.to(device or torch.device("cpu")).eval()

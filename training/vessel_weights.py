@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from model.config import VesselNetConfig
 from model.vessels import VesselNet
+from model.weight_files import read_weights, state_tensors, write_weights
 
 KIND = "fundus-vessels"
 
@@ -27,33 +25,21 @@ def save_vessels(
     path: str | Path, net: VesselNet, config: VesselNetConfig, preset: str, training: dict[str, Any]
 ) -> None:
     """Write ``net``'s state dict with its config; atomic."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
     metadata = {
         "kind": KIND,
         "vessel_config": json.dumps(dataclasses.asdict(config)),
         "preset": preset,
         "training": json.dumps(training),
     }
-    tmp = target.with_name(f".{target.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, target)
+    write_weights(path, state_tensors(net), metadata)
 
 
 def load_vessels(path: str | Path, net: VesselNet, config: VesselNetConfig) -> dict[str, Any]:
     """Load weights into ``net`` after checking the stored config equals ``config``; returns metadata."""
-    source = Path(path)
-    if not source.is_file():
-        raise FileNotFoundError(f"vessel weights not found: {source} (run `fundus train rsp` first)")
-    with safe_open(str(source), framework="pt") as handle:
-        meta = handle.metadata() or {}
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    if meta.get("kind") != KIND:
-        raise ValueError(f"{source.name} is not a vessel-branch weight file")
+    meta, tensors = read_weights(path, KIND, "vessel-branch weight file", "run `fundus train rsp` first")
     stored = VesselNetConfig.from_dict(json.loads(meta["vessel_config"]))
     if stored != config:
-        raise ValueError(f"{source.name} was trained for {stored}, but the model uses {config}")
+        raise ValueError(f"{Path(path).name} was trained for {stored}, but the model uses {config}")
     with torch.no_grad():
         net.load_state_dict(tensors, strict=True)
     return {"preset": meta.get("preset", ""), "training": json.loads(meta.get("training", "{}"))}

@@ -160,7 +160,7 @@ def test_segmenter_file_round_trip_and_kind_check(tmp_path: Path, tiny_artifact:
     loaded = load_segmenter(tmp_path / "s.safetensors")
     x = torch.rand(1, 3, 24, 24)
     assert torch.allclose(loaded(x), net.eval()(x))
-    with pytest.raises(ValueError, match="not an independent-segmenter"):
+    with pytest.raises(ValueError, match="not an independent segmenter"):
         load_segmenter(tiny_artifact)
     with pytest.raises(FileNotFoundError):
         load_segmenter(tmp_path / "missing.safetensors")
