@@ -8,6 +8,16 @@ does not change the cost of any step. Prints one JSON object with wall and CPU m
 ``overhead_ms`` / ``overhead_cpu_ms`` sum the steps of an ``/enhance`` request with ``transfer`` (the
 default path). The HTTP layer is not included (``serve_bench.py`` measures end to end).
 
+``before_after`` times, in the same run, each change made to cut this work against what it replaced:
+PNG decode through libpng vs Pillow, PNG encode through libpng's fast settings vs Pillow, the working
+crop's planes → pixels (``cv2.merge`` vs a transposed copy), and the circle fit's inlier count
+(squared distances vs square roots, on the rim points of the photograph). ``grade_quality`` is the
+quality grader that also runs in the API process (twice per ``/enhance``), reported beside the image
+steps; ``request_cpu_ms`` adds it; ``overhead_cpu_ms_with_replaced_ways`` is the overhead as it would
+be with every replaced way (the sum of the savings added back). ``jpeg_camera`` decodes a 3072×2048
+JPEG in full and with reduced DCT (``draft``) to show what a reduced decode would save where full
+pixels are not needed.
+
     python bench/pipeline_bench.py --repeats 15
 """
 
@@ -31,10 +41,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from model.fov import from_working, plan_crop, to_working  # noqa: E402
-from model.fov_detect import detect_fov, estimate_fov  # noqa: E402
+from model.fov_detect import _count_on_circles, _tolerance, detect_fov, estimate_fov  # noqa: E402
+from model.quality import BUNDLED_QUALITY, load_quality  # noqa: E402
 from model.restore import WorkingView  # noqa: E402
 from service.codecs import EncodeContext, default_registry  # noqa: E402
-from service.imaging import Prepared, decode_upload, restore_enhanced  # noqa: E402
+from service.codecs.raster import PillowCodec  # noqa: E402
+from service.imaging import Prepared, decode_upload, planes_to_pixels, restore_enhanced  # noqa: E402
 from service.upload import Upload  # noqa: E402
 
 DATA = REPO_ROOT.parent / "shared" / "data"
@@ -85,6 +97,57 @@ def fundus_hrf() -> np.ndarray | None:
     return cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (1536, 1024), interpolation=cv2.INTER_AREA)
 
 
+def pillow_png(pixels: np.ndarray) -> bytes:
+    """PNG through Pillow at zlib level 1 (the encoder the service used before libpng's fast settings)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def circle_trials(pixels: np.ndarray, trials: int = 160) -> tuple[np.ndarray, ...]:
+    """Rim points of the photograph's FOV (analysis grid) and random candidate circles through them."""
+    circle = detect_fov(pixels)
+    scale = 384 / max(pixels.shape[:2])
+    angles = np.linspace(0, 2 * np.pi, 1200, endpoint=False)
+    rng = np.random.default_rng(0)
+    radius = circle.radius * scale
+    points = np.stack(
+        [circle.cx * scale + radius * np.cos(angles), circle.cy * scale + radius * np.sin(angles)], axis=1
+    ) + rng.normal(0, 1.0, (len(angles), 2))
+    cx = circle.cx * scale + rng.normal(0, 3, trials)
+    cy = circle.cy * scale + rng.normal(0, 3, trials)
+    r = radius + rng.normal(0, 3, trials)
+    return points, cx, cy, r, _tolerance(r)
+
+
+def count_with_roots(
+    points: np.ndarray, cx: np.ndarray, cy: np.ndarray, r: np.ndarray, tol: np.ndarray
+) -> Any:
+    """The circle fit's inlier count as it was: one square root per point and circle."""
+    residual = np.abs(
+        np.hypot(points[None, :, 0] - cx[:, None], points[None, :, 1] - cy[:, None]) - r[:, None]
+    )
+    return (residual <= tol[:, None]).sum(axis=1)
+
+
+def before_after(before: Callable[[], Any], after: Callable[[], Any], repeats: int) -> dict[str, float]:
+    """CPU medians of the replaced way and the current one, alternated call by call (fair on a busy box)."""
+    before_ms, after_ms = [], []
+    before()
+    after()
+    for _ in range(repeats):
+        for fn, into in ((before, before_ms), (after, after_ms)):
+            started = time.process_time()
+            fn()
+            into.append((time.process_time() - started) * 1e3)
+    b, a = statistics.median(before_ms), statistics.median(after_ms)
+    return {
+        "before_cpu_ms": round(b, 2),
+        "after_cpu_ms": round(a, 2),
+        "speedup": round(b / a, 2) if a else 0.0,
+    }
+
+
 def bench_image(pixels: np.ndarray, working_size: int, repeats: int) -> dict[str, Any]:
     """Per-step medians for one image; the working input stands in for the model result."""
     registry = default_registry()
@@ -111,16 +174,84 @@ def bench_image(pixels: np.ndarray, working_size: int, repeats: int) -> dict[str
         "from_working_resize": lambda: from_working(working, crop, decoded.pixels, method="resize"),
         "encode_png": lambda: codec.encode(restored, original=decoded, context=CONTEXT),
     }
+    grader = load_quality(BUNDLED_QUALITY)
+    steps["grade_quality"] = lambda: grader.grade(prepared.working)
     timings = {name: timed(fn, repeats) for name, fn in steps.items()}
     request = ("decode", "detect_fov", "to_working", "from_working_transfer", "encode_png")
+    png_codec = codec
+    trials = circle_trials(decoded.pixels)
+    changes = {
+        "decode_png_libpng_vs_pillow": before_after(
+            lambda: PillowCodec.decode(png_codec, data, max_pixels=10**8),  # type: ignore[arg-type]
+            lambda: png_codec.decode(data, max_pixels=10**8),
+            repeats,
+        ),
+        "encode_png_libpng_vs_pillow": before_after(
+            lambda: pillow_png(restored),
+            lambda: png_codec.encode(restored, original=decoded, context=CONTEXT),
+            repeats,
+        ),
+        "planes_to_pixels_merge_vs_transpose": before_after(
+            lambda: np.ascontiguousarray(result.transpose(1, 2, 0)),
+            lambda: planes_to_pixels(result),
+            repeats,
+        ),
+        "fov_circle_inliers_squared_vs_roots": before_after(
+            lambda: count_with_roots(*trials), lambda: _count_on_circles(*trials), repeats
+        ),
+    }
+    # Twice per fit: the circle fit runs RANSAC on the outline and again on the refined rim.
+    saved = sum(c["before_cpu_ms"] - c["after_cpu_ms"] for c in changes.values()) + (
+        changes["fov_circle_inliers_squared_vs_roots"]["before_cpu_ms"]
+        - changes["fov_circle_inliers_squared_vs_roots"]["after_cpu_ms"]
+    )
+    overhead_cpu = sum(timings[name][1] for name in request)
     return {
         "size": f"{decoded.width}x{decoded.height}",
         "crop_side": crop.side,
         "upload_bytes": len(data),
+        "answer_png_bytes": len(codec.encode(restored, original=decoded, context=CONTEXT)),
         "steps_ms": {name: wall for name, (wall, _) in timings.items()},
         "steps_cpu_ms": {name: cpu for name, (_, cpu) in timings.items()},
         "overhead_ms": round(sum(timings[name][0] for name in request), 2),
-        "overhead_cpu_ms": round(sum(timings[name][1] for name in request), 2),
+        "overhead_cpu_ms": round(overhead_cpu, 2),
+        "request_cpu_ms": round(overhead_cpu + 2 * timings["grade_quality"][1], 2),
+        "before_after": changes,
+        "overhead_cpu_ms_with_replaced_ways": round(overhead_cpu + saved, 2),
+    }
+
+
+def bench_jpeg_camera(repeats: int) -> dict[str, Any] | None:
+    """A 3072×2048 JPEG (an HRF photograph enlarged, quality 95) decoded in full and at 1/2 and 1/4 scale."""
+    hrf = fundus_hrf()
+    if hrf is None:
+        return None
+    big = cv2.resize(hrf, (3072, 2048), interpolation=cv2.INTER_CUBIC)
+    buffer = io.BytesIO()
+    Image.fromarray(big).save(buffer, format="JPEG", quality=95)
+    data = buffer.getvalue()
+
+    def draft(scale: int) -> Callable[[], Any]:
+        def decode() -> np.ndarray:
+            image = Image.open(io.BytesIO(data))
+            image.draft("RGB", (3072 // scale, 2048 // scale))
+            return np.asarray(image.convert("RGB"))
+
+        return decode
+
+    registry = default_registry()
+    upload = Upload(data, "image/jpeg")
+    steps = {
+        "decode_full": lambda: decode_upload(registry, upload, max_pixels=10**8, min_side=1),
+        "decode_draft_half": draft(2),
+        "decode_draft_quarter": draft(4),
+    }
+    return {
+        "size": "3072x2048",
+        "upload_bytes": len(data),
+        "steps_cpu_ms": {name: timed(fn, repeats)[1] for name, fn in steps.items()},
+        "note": "draft decoding is not used: the default transfer mapping (and resize, outside the FOV) "
+        "answers with the native pixels, so /enhance needs the full decode anyway",
     }
 
 
@@ -136,6 +267,9 @@ def main() -> None:
     hrf = fundus_hrf()
     if hrf is not None:
         report["hrf_1536x1024"] = bench_image(hrf, args.working_size, args.repeats)
+    jpeg = bench_jpeg_camera(max(3, args.repeats // 3))
+    if jpeg is not None:
+        report["jpeg_camera"] = jpeg
     print(json.dumps(report, indent=2))
 
 

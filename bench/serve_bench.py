@@ -8,9 +8,18 @@ Measures, in one run on one machine:
 Prints one JSON object: images/s, p50/p99 latency, mean batch size, and the ratios service/bare and
 batched/unbatched (with the bare model's own batch-N/batch-1 rate, the ceiling of the latter), plus
 the API overhead (end-to-end minus the model time reported in Server-Timing) at concurrency 1.
+Every service run also reports the CPU time the server's processes used per answered image
+(``server_cpu_ms_per_image``, from /proc: steadier than wall time on a shared machine) and what
+that means per core (``images_per_s_per_core`` = 1000 / it).
+
+``--identity`` replaces the model by an identity pass (``bench/identity_serve.py``; a benchmark
+option, not a setting) to measure the HTTP path's own capacity: the service at each concurrency for
+each ``--workers`` count (``1,2`` compares one process with two API processes + the model process),
+with the ratio of the largest to the smallest worker count.
 
     python bench/serve_bench.py                     # lite preset, random weights
     python bench/serve_bench.py --weights W.safetensors --requests 64 --concurrency 1,4,16
+    python bench/serve_bench.py --identity --workers 1,2 --concurrency 1,16 --requests 200
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -89,7 +99,12 @@ def make_weights(args: argparse.Namespace, folder: Path) -> Path:
 
 def bench_bare(weights: Path, image: bytes, args: argparse.Namespace) -> dict[str, Any]:
     """Batched model loop on working-size tensors made by the service's own preprocessing."""
-    settings = Settings(weights=weights, device=args.device, torch_threads=args.torch_threads)
+    settings = Settings(
+        weights=weights,
+        device=args.device,
+        torch_threads=args.torch_threads,
+        max_batch_size=args.max_batch_size,
+    )
     prepare_model_process(settings)  # as `fundus serve` does
     runner, artifact = load_runner(settings)
     device, size = runner.device, runner.working_size
@@ -128,9 +143,47 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _process_tree_cpu_s(root: int) -> float:
+    """User + system CPU seconds of ``root`` and all its live descendants (Linux /proc)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in tree:
+                tree.add(pid)
+                frontier.append(pid)
+    return sum(times.get(pid, 0.0) for pid in tree)
+
+
+@dataclasses.dataclass
+class Server:
+    """A running ``fundus serve``: its base URL and main process id."""
+
+    url: str
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        return _process_tree_cpu_s(self.pid)
+
+
 @contextlib.contextmanager
-def server(weights: Path, args: argparse.Namespace, max_batch_size: int) -> Iterator[str]:
-    """``fundus serve`` in a subprocess; yields its base URL once /readyz answers 200."""
+def server(
+    weights: Path, args: argparse.Namespace, max_batch_size: int, workers: int = 1, identity: bool = False
+) -> Iterator[Server]:
+    """``fundus serve`` (or the identity wrapper) in a subprocess; yields it once /readyz answers 200."""
     port = free_port()
     env = dict(os.environ)
     env.update(
@@ -145,12 +198,15 @@ def server(weights: Path, args: argparse.Namespace, max_batch_size: int) -> Iter
         FUNDUS_LOG_LEVEL="WARNING",
         FUNDUS_TORCH_THREADS=str(args.torch_threads),
         FUNDUS_API_KEYS="",
+        FUNDUS_WORKERS=str(workers),
+        FUNDUS_WORKER_METRICS_PORT="0",
     )
     env.pop("FUNDUS_REDIS_URL", None)
+    env.pop("FUNDUS_MODEL_SOCKET", None)
+    entry = [str(REPO_ROOT / "bench" / "identity_serve.py")] if identity else ["-m", "service.cli", "serve"]
+    command = [sys.executable, *entry]
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
-        )
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + args.startup_timeout_s
@@ -164,8 +220,8 @@ def server(weights: Path, args: argparse.Namespace, max_batch_size: int) -> Iter
                         break
                 if time.monotonic() > deadline:
                     raise RuntimeError("server did not become ready in time")
-                time.sleep(0.2)
-            yield url
+                time.sleep(0.2)  # start-up polling
+            yield Server(url=url, pid=process.pid)
         finally:
             process.terminate()
             try:
@@ -174,8 +230,9 @@ def server(weights: Path, args: argparse.Namespace, max_batch_size: int) -> Iter
                 process.kill()
 
 
-async def drive(url: str, image: bytes, concurrency: int, requests: int) -> dict[str, Any]:
+async def drive(target: Server, image: bytes, concurrency: int, requests: int) -> dict[str, Any]:
     """Closed loop: ``concurrency`` clients post the image until ``requests`` answers arrived."""
+    url = target.url
     latencies: list[float] = []
     overheads: list[float] = []
     batch_sizes: list[int] = []
@@ -205,9 +262,11 @@ async def drive(url: str, image: bytes, concurrency: int, requests: int) -> dict
             for _ in range(concurrency)
         ]
         await asyncio.gather(*warm)
+        cpu_before = target.cpu_seconds()
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
+        cpu_ms_per_image = (target.cpu_seconds() - cpu_before) * 1000.0 / max(1, len(latencies))
     return {
         "concurrency": concurrency,
         "requests": len(latencies),
@@ -217,6 +276,33 @@ async def drive(url: str, image: bytes, concurrency: int, requests: int) -> dict
         "latency_ms_p99": percentile(latencies, 99) * 1000.0,
         "mean_batch_size": statistics.fmean(batch_sizes) if batch_sizes else 0.0,
         "overhead_ms_p50": percentile(overheads, 50) * 1000.0,
+        "server_cpu_ms_per_image": cpu_ms_per_image,
+        "images_per_s_per_core": 1000.0 / cpu_ms_per_image if cpu_ms_per_image > 0 else float("nan"),
+    }
+
+
+def identity_report(weights: Path, image: bytes, args: argparse.Namespace) -> dict[str, Any]:
+    """The HTTP path's own capacity: the identity model at each concurrency, for each worker count."""
+    runs: dict[str, dict[str, Any]] = {}
+    for workers in args.workers:
+        with server(weights, args, args.max_batch_size, workers=workers, identity=True) as target:
+            runs[str(workers)] = {
+                str(c): asyncio.run(drive(target, image, c, args.requests)) for c in args.concurrency
+            }
+    top, low, high = max(args.concurrency), str(min(args.workers)), str(max(args.workers))
+    return {
+        "device": args.device,
+        "cpu_count": os.cpu_count(),
+        "image": "512x512 PNG",
+        "model": "identity (bench/identity_serve.py)",
+        "max_batch_size": args.max_batch_size,
+        "service_by_workers": runs,
+        "ratios": {
+            f"workers_{high}_over_{low}_images_per_s_at_{top}": runs[high][str(top)]["images_per_s"]
+            / runs[low][str(top)]["images_per_s"],
+            f"images_per_s_per_core_at_{top}_workers_{high}": runs[high][str(top)]["images_per_s_per_core"],
+            "api_overhead_ms_p50_at_1_workers_1": runs[low][str(min(args.concurrency))]["overhead_ms_p50"],
+        },
     }
 
 
@@ -234,24 +320,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, default=0, help="0 = torch default")
     parser.add_argument("--single-reps", type=int, default=5, help="batch-1 passes timed for the bare model")
     parser.add_argument("--startup-timeout-s", type=float, default=300.0)
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="FUNDUS_WORKERS of the server (API processes); a comma list with --identity compares them",
+    )
+    parser.add_argument(
+        "--identity", action="store_true", help="replace the model by an identity pass (HTTP path capacity)"
+    )
     args = parser.parse_args(argv)
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
+    args.workers = sorted({int(w) for w in args.workers.split(",") if w.strip()})
     image = test_image()
 
+    if args.identity:
+        with tempfile.TemporaryDirectory() as folder:
+            report = identity_report(make_weights(args, Path(folder)), image, args)
+        print(json.dumps(report, indent=2))
+        return 0
+
+    workers = max(args.workers)
     with tempfile.TemporaryDirectory() as folder:
         weights = make_weights(args, Path(folder))
         bare = bench_bare(weights, image, args)
-        with server(weights, args, args.max_batch_size) as url:
-            batched = {c: asyncio.run(drive(url, image, c, args.requests)) for c in args.concurrency}
+        with server(weights, args, args.max_batch_size, workers=workers) as target:
+            batched = {c: asyncio.run(drive(target, image, c, args.requests)) for c in args.concurrency}
         top = max(args.concurrency)
-        with server(weights, args, 1) as url:
-            unbatched = asyncio.run(drive(url, image, top, args.requests))
+        with server(weights, args, 1, workers=workers) as target:
+            unbatched = asyncio.run(drive(target, image, top, args.requests))
 
     result = {
         "device": args.device,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "image": "512x512 PNG",
+        "workers": workers,
         "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms,
         "bare": bare,

@@ -4,7 +4,9 @@ Start-up: select the device, load and verify the weight artifact (a clear error 
 or corrupt), run a warm-up pass, start the queue backend, then report ready. Shutdown: refuse new
 image requests with 503, let the queue drain in-flight jobs within ``FUNDUS_SHUTDOWN_TIMEOUT_S``.
 With ``FUNDUS_REDIS_URL`` set, the API process does not load the network at all: it only reads the
-artifact's metadata (working size, version) and leaves the model to the workers.
+artifact's metadata (working size, version) and leaves the model to the workers; the same holds for
+the API processes of ``fundus serve --workers N``, which share one local model process
+(``FUNDUS_MODEL_SOCKET``).
 """
 
 from __future__ import annotations
@@ -169,12 +171,15 @@ def _metadata_only_info(path: Path) -> ModelInfo:
 
 async def _start(state: ServiceState) -> None:
     settings = state.settings
-    if settings.redis_url:
+    if settings.redis_url or settings.model_socket:
+        # The model runs elsewhere (Redis workers, or the local model process of `--workers N`).
         state.not_ready_reason = "reading weight metadata"
         try:
             state.info = await state.cpu(_metadata_only_info, Path(settings.weights))
         except ArtifactError as exc:
             raise StartupError(f"cannot serve weights {settings.weights}: {exc}") from exc
+        if not settings.redis_url:
+            state.info.device = f"model process ({settings.device})"
         runner = None
     else:
         state.not_ready_reason = "loading weights"
@@ -229,13 +234,19 @@ async def _start(state: ServiceState) -> None:
         extra={
             "model_version": state.info.version,
             "device": state.info.device,
-            "queue": "redis" if settings.redis_url else "embedded",
+            "queue": _queue_kind(settings),
         },
     )
 
 
 async def _stop(state: ServiceState) -> None:
     state.draining = True
+def _queue_kind(settings: Settings) -> str:
+    if settings.redis_url:
+        return "redis"
+    return "model-process" if settings.model_socket else "embedded"
+
+
     state.ready = False
     state.metrics.ready.set(0)
     if state.queue is not None:

@@ -63,7 +63,16 @@ class Settings(BaseSettings):
     dicomweb_url: str | None = Field(default=None, description="DICOMweb STOW-RS endpoint for DICOM results")
     host: str = Field(default="0.0.0.0", description="bind address of `fundus serve`")
     port: int = Field(default=8000, ge=1, le=65535, description="bind port of `fundus serve`")
-    workers: int = Field(default=1, ge=1, description="server processes, each with its own model copy")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description="API processes; with more than one (and no Redis) they share one local model process",
+    )
+    model_socket: str | None = Field(
+        default=None,
+        description="Unix socket of the local model process; set by `fundus serve --workers N` for its "
+        "API processes (leave unset)",
+    )
     output_method: Literal["transfer", "resize"] = Field(
         default="transfer", description="how the working-size result is mapped back to the input resolution"
     )

@@ -33,6 +33,35 @@ _DECODE_ERRORS = (
 )
 
 
+#: PNG chunks that leave the stored samples as they are: no palette, transparency, orientation
+#: (``eXIf``) or text (which may carry EXIF too). 8-bit gray or RGB PNGs with nothing else decode
+#: through OpenCV's libpng (about a fifth faster than Pillow; same pixels, the format is lossless).
+_PLAIN_PNG_CHUNKS = frozenset(
+    {b"IHDR", b"IDAT", b"IEND", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"pHYs", b"tIME", b"sBIT", b"bKGD"}
+)
+_PNG_CHUNK = struct.Struct(">I4s")
+_PNG_IHDR = struct.Struct(">IIBB")
+
+
+def plain_png(data: bytes) -> tuple[int, int, bool] | None:
+    """``(width, height, colour)`` of a complete 8-bit gray or RGB PNG made only of
+    :data:`_PLAIN_PNG_CHUNKS`, else None (anything else, a truncated file included, goes to Pillow)."""
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        return None
+    width, height, depth, colour_type = _PNG_IHDR.unpack_from(data, 16)
+    if depth != 8 or colour_type not in (0, 2) or width == 0 or height == 0:
+        return None
+    offset = 8
+    while offset + _PNG_CHUNK.size <= len(data):
+        length, chunk = _PNG_CHUNK.unpack_from(data, offset)
+        if chunk not in _PLAIN_PNG_CHUNKS:
+            return None
+        offset += 12 + length  # length, type, data, CRC
+        if chunk == b"IEND":
+            return (width, height, colour_type == 2) if offset <= len(data) else None
+    return None
+
+
 #: libpng settings for :meth:`PngCodec.encode`: zlib level 1, run-length strategy, "up" row filter
 #: (the filter option exists in recent OpenCV only; older builds use libpng's default filtering).
 _PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
@@ -171,6 +200,21 @@ class PngCodec(PillowCodec):
 
     def _save_options(self) -> dict[str, object]:
         return {"compress_level": 1}
+
+    def decode(self, data: bytes, *, max_pixels: int) -> DecodedImage:
+        """Plain 8-bit gray or RGB PNGs (:func:`plain_png`) through libpng, everything else through
+        Pillow; both give the same pixels, mode and depth (errors and limits come from the Pillow path)."""
+        plain = plain_png(data)
+        if plain is not None:
+            width, height, colour = plain
+            if width * height <= min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels):
+                flags = (cv2.IMREAD_COLOR if colour else cv2.IMREAD_GRAYSCALE) | cv2.IMREAD_IGNORE_ORIENTATION
+                stored = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+                if stored is not None and stored.shape[:2] == (height, width):
+                    pixels = cv2.cvtColor(stored, cv2.COLOR_BGR2RGB if colour else cv2.COLOR_GRAY2RGB)
+                    mode = "RGB" if colour else "L"
+                    return DecodedImage(pixels=pixels, media_type=self.media_type, mode=mode, bit_depth=8)
+        return super().decode(data, max_pixels=max_pixels)
 
     def _read_wide(self, data: bytes) -> np.ndarray | None:
         decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)

@@ -1,4 +1,5 @@
-"""Choosing the queue backend: Redis Streams when ``FUNDUS_REDIS_URL`` is set, else the embedded batcher."""
+"""Choosing the queue backend: Redis Streams when ``FUNDUS_REDIS_URL`` is set, the local model process
+when ``FUNDUS_MODEL_SOCKET`` is (``fundus serve --workers N``), else the embedded batcher."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ def build_queue(
     working_size: int | None = None,
     on_batch_failure: Callable[[], None] | None = None,
 ) -> InferenceQueue:
-    """The backend for ``settings``; ``runner`` is required by the embedded one only.
+    """The backend for ``settings``; ``runner`` is required by the embedded one only (without a runner,
+    ``model_socket`` selects the local model process).
 
     Args:
-        settings: service settings (``redis_url`` picks Redis Streams).
+        settings: service settings (``redis_url`` picks Redis Streams, ``model_socket`` the model process).
         runner: the local model runner (embedded queue).
         working_size: S of the uint8 [3, S, S] jobs (lets the Redis backend refuse foreign shapes).
         on_batch_failure: called once per failed model pass (embedded queue metrics).
@@ -31,6 +33,10 @@ def build_queue(
         redis_backend = importlib.import_module("service.queue.redis_backend")
         queue: InferenceQueue = redis_backend.RedisQueue(settings, working_size=working_size)
         return queue
+    if settings.model_socket and runner is None:
+        from service.queue.ipc_backend import IpcQueue
+
+        return IpcQueue(settings.model_socket, working_size=working_size)
     if runner is None:
         raise ValueError("the embedded queue needs a model runner")
     from service.queue.embedded import EmbeddedQueue
