@@ -11,6 +11,9 @@ Modes:
   with ``trust``, also the stage-disagreement uncertainty map, its mean inside the FOV, and the
   vessel pixel counts of input vs output (one more pass of the vessel branch over the output).
 * ``vessels``: only the vessel branch over the input (``/segment`` batches).
+
+With a quality grader, ``image`` mode also grades the input and the rounded output (P(good) each),
+so the API process does not have to.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from model.device import autocast
 from model.magenet import MageNet
+from model.quality import QualityModel
 from model.trust import field_of_view, fov_means, stage_disagreement, uncertainty_map, vessel_counts
 
 Mode = Literal["image", "vessels"]
@@ -39,12 +43,14 @@ def served_pass(
     mode: Mode,
     trust: bool,
     memory_format: torch.memory_format = torch.contiguous_format,
+    grader: QualityModel | None = None,
 ) -> dict[str, torch.Tensor]:
     """One pass over uint8 (B, 3, S, S) ``pixels`` on the model's device (call under inference mode).
 
     Returns device tensors: ``vessels`` uint8 (B, S, S) always; for ``image`` mode ``image`` uint8
-    (B, 3, S, S), and with ``trust`` ``uncertainty`` uint8 (B, S, S), ``uncertainty_mean`` float32
-    (B,) and ``vessel_counts`` int64 (B, 3) (see :func:`model.trust.vessel_counts`).
+    (B, 3, S, S); with ``trust`` ``uncertainty`` uint8 (B, S, S), ``uncertainty_mean`` float32
+    (B,) and ``vessel_counts`` int64 (B, 3) (see :func:`model.trust.vessel_counts`); with a
+    ``grader`` (on the same device) ``quality_before`` and ``quality_after``, P(good) float32 (B,).
     """
     x = pixels.float().div(255.0).contiguous(memory_format=memory_format)
     device = x.device
@@ -58,6 +64,9 @@ def served_pass(
         vessels_out = model.vessels.predict(image)[:, 0].float() if trust else None
     vessels_in = torch.softmax(output.vessel_logits[-1].float(), dim=1)[:, 1]
     result = {"image": to_uint8(image), "vessels": to_uint8(vessels_in)}
+    if grader is not None:
+        result["quality_before"] = grader.tensor_probabilities(x)
+        result["quality_after"] = grader.tensor_probabilities(result["image"].float().div(255.0))
     if vessels_out is not None:
         disagreement = stage_disagreement(output.images[0], output.images[1])
         fov = field_of_view(x)

@@ -102,14 +102,34 @@ class QualityModel:
         logits = self.net(x)
         return torch.sigmoid(logits / self.temperature).numpy().astype(np.float64)
 
+    def tensor_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,) P(good) of (B, 3, H, W) images on [0, 1] on the grader's device (call under inference
+        mode). Square inputs are resized to QUALITY_SIZE by area averaging (nearest when enlarging), as
+        the uint8 path's INTER_AREA does up to rounding: how the model process grades inside its pass."""
+        if images.shape[-2:] != (QUALITY_SIZE, QUALITY_SIZE):
+            shrinking = images.shape[-1] > QUALITY_SIZE
+            images = F.interpolate(
+                images, size=(QUALITY_SIZE, QUALITY_SIZE), mode="area" if shrinking else "nearest"
+            )
+        return torch.sigmoid(self.net(images.float()) / self.temperature)
+
+    def to(self, device: torch.device) -> QualityModel:
+        """The same grader with its network on ``device``."""
+        self.net.to(device)
+        return self
+
     def grade(self, image: np.ndarray) -> QualityGrade:
         """Grade one uint8 (H, W, 3) RGB working image."""
-        good = float(self.probabilities(image[None])[0])
-        return QualityGrade(
-            grade="good" if good >= 0.5 else "poor",
-            probabilities={"good": round(good, 4), "poor": round(1.0 - good, 4)},
-            model_version=self.version,
-        )
+        return grade_of(float(self.probabilities(image[None])[0]), self.version)
+
+
+def grade_of(good: float, version: str) -> QualityGrade:
+    """The grade for a P(good): ``good`` at 0.5 or more, else ``poor``."""
+    return QualityGrade(
+        grade="good" if good >= 0.5 else "poor",
+        probabilities={"good": round(good, 4), "poor": round(1.0 - good, 4)},
+        model_version=version,
+    )
 
 
 def _resize(image: np.ndarray) -> np.ndarray:

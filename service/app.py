@@ -34,7 +34,7 @@ from service.logging import configure_logging, reset_request_id, set_request_id
 from service.metrics import Metrics, endpoint_label
 from service.queue.factory import build_queue
 from service.routes import images, ops, quality
-from service.runner import DeviceSettingError, load_runner
+from service.runner import DeviceSettingError, QualityWeightsError, load_runner
 from service.settings import Settings, load_settings
 from service.state import ModelInfo, ServiceState
 from service.viewer import install_viewer
@@ -185,6 +185,8 @@ async def _start(state: ServiceState) -> None:
         state.not_ready_reason = "loading weights"
         try:
             runner, artifact = await state.cpu(load_runner, settings, on_batch=state.metrics.observe_batch)
+        except QualityWeightsError as exc:
+            raise StartupError(str(exc)) from exc
         except ArtifactError as exc:
             raise StartupError(f"cannot load weights {settings.weights}: {exc}") from exc
         except DeviceSettingError as exc:
@@ -239,14 +241,14 @@ async def _start(state: ServiceState) -> None:
     )
 
 
-async def _stop(state: ServiceState) -> None:
-    state.draining = True
 def _queue_kind(settings: Settings) -> str:
     if settings.redis_url:
         return "redis"
     return "model-process" if settings.model_socket else "embedded"
 
 
+async def _stop(state: ServiceState) -> None:
+    state.draining = True
     state.ready = False
     state.metrics.ready.set(0)
     if state.queue is not None:

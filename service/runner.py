@@ -15,15 +15,17 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from model.artifact import Artifact, load_artifact
+from model.artifact import Artifact, ArtifactError, load_artifact
 from model.cuda_graphs import GraphedPasses, batch_buckets
 from model.device import GLIBC_HEAP_TUNABLES, conv_memory_format, reuse_freed_memory, select_device
 from model.inference import Mode, served_pass
 from model.magenet import MageNet
+from model.quality import QualityModel, load_quality
 from model.trust import StructureFidelity, fidelity_from_counts
 from service.queue.base import Job, JobResult, Task
 from service.settings import Settings
@@ -44,10 +46,20 @@ class BatchOutput:
     uncertainty: np.ndarray | None = None
     uncertainty_means: list[float] | None = None
     fidelity: list[StructureFidelity] | None = None
+    quality_before: list[float] | None = None
+    quality_after: list[float] | None = None
 
 
 def _join(first: np.ndarray | None, second: np.ndarray | None) -> np.ndarray | None:
     return None if first is None or second is None else np.concatenate([first, second])
+
+
+def _join_lists(first: list[Any] | None, second: list[Any] | None) -> list[Any] | None:
+    return None if first is None or second is None else [*first, *second]
+
+
+def _floats(value: torch.Tensor | None) -> list[float] | None:
+    return None if value is None else [round(v, 5) for v in value.float().tolist()]
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -70,6 +82,9 @@ class ModelRunner:
         on_batch: called with (batch size, seconds) once per executed model pass (metrics).
         trust_signals: with enhanced images, also compute the uncertainty map and the structure
             fidelity (:mod:`model.trust`; one extra pass of the vessel branch).
+        cuda_graphs: on CUDA, replay the pass as CUDA graphs (:mod:`model.cuda_graphs`).
+        max_batch_size: the largest batch the queue forms (the graphs' largest bucket).
+        grader: the quality grader, graded inside the pass for enhanced images (moved to ``device``).
     """
 
     def __init__(
@@ -82,6 +97,7 @@ class ModelRunner:
         trust_signals: bool = True,
         cuda_graphs: bool = False,
         max_batch_size: int = 8,
+        grader: QualityModel | None = None,
     ) -> None:
         self.memory_format = conv_memory_format(device, inference=True)
         self.model = model.to(memory_format=self.memory_format)
@@ -89,6 +105,7 @@ class ModelRunner:
         self.working_size = working_size
         self.on_batch = on_batch
         self.trust_signals = trust_signals
+        self.grader = None if grader is None else grader.to(device)
         self.graphs: GraphedPasses | None = None
         if cuda_graphs and device.type == "cuda":
             self.graphs = GraphedPasses(
@@ -98,7 +115,12 @@ class ModelRunner:
     def _device_pass(self, pixels: torch.Tensor, mode: Mode) -> dict[str, torch.Tensor]:
         """The served pass over a uint8 device batch (see :func:`model.inference.served_pass`)."""
         return served_pass(
-            self.model, pixels, mode=mode, trust=self.trust_signals, memory_format=self.memory_format
+            self.model,
+            pixels,
+            mode=mode,
+            trust=self.trust_signals,
+            memory_format=self.memory_format,
+            grader=self.grader,
         )
 
     def infer(self, pixels: np.ndarray, *, need_image: bool, need_vessels: bool) -> BatchOutput:
@@ -121,10 +143,10 @@ class ModelRunner:
                 images=_join(first.images, second.images),
                 vessels=_join(first.vessels, second.vessels),
                 uncertainty=_join(first.uncertainty, second.uncertainty),
-                uncertainty_means=None
-                if first.uncertainty_means is None
-                else [*first.uncertainty_means, *(second.uncertainty_means or [])],
-                fidelity=None if first.fidelity is None else [*first.fidelity, *(second.fidelity or [])],
+                uncertainty_means=_join_lists(first.uncertainty_means, second.uncertainty_means),
+                fidelity=_join_lists(first.fidelity, second.fidelity),
+                quality_before=_join_lists(first.quality_before, second.quality_before),
+                quality_after=_join_lists(first.quality_after, second.quality_after),
             )
 
     def _forward(self, pixels: np.ndarray, *, need_image: bool, need_vessels: bool) -> BatchOutput:
@@ -136,14 +158,15 @@ class ModelRunner:
             with torch.inference_mode():
                 on_device = self._device_pass(host.to(self.device, non_blocking=True), mode)
                 outputs = {name: value.cpu() for name, value in on_device.items()}
-        means = outputs.get("uncertainty_mean")
         counts = outputs.get("vessel_counts")
         return BatchOutput(
             images=_numpy(outputs["image"]) if "image" in outputs else None,
             vessels=_numpy(outputs["vessels"]) if need_vessels else None,
             uncertainty=_numpy(outputs["uncertainty"]) if "uncertainty" in outputs else None,
-            uncertainty_means=None if means is None else [round(v, 5) for v in means.tolist()],
+            uncertainty_means=_floats(outputs.get("uncertainty_mean")),
             fidelity=None if counts is None else fidelity_from_counts(counts.numpy()),
+            quality_before=_floats(outputs.get("quality_before")),
+            quality_after=_floats(outputs.get("quality_after")),
         )
 
     def run_jobs(self, jobs: Sequence[Job]) -> list[JobResult]:
@@ -164,11 +187,14 @@ class ModelRunner:
         results = []
         for index, job in enumerate(jobs):
             enhance = job.task is Task.ENHANCE
+
+            def pick(values: Sequence[Any] | np.ndarray | None, at: int = index, keep: bool = enhance) -> Any:
+                return values[at] if keep and values is not None else None
+
+            fidelity = pick(output.fidelity)
             results.append(
                 JobResult(
-                    image=output.images[index]
-                    if job.task is Task.ENHANCE and output.images is not None
-                    else None,
+                    image=pick(output.images),
                     vessels=(
                         output.vessels[index]
                         if job.task is Task.SEGMENT and output.vessels is not None
@@ -177,15 +203,11 @@ class ModelRunner:
                     queue_seconds=max(0.0, started - job.enqueued_at),
                     inference_seconds=seconds,
                     batch_size=len(jobs),
-                    uncertainty=output.uncertainty[index]
-                    if enhance and output.uncertainty is not None
-                    else None,
-                    uncertainty_mean=output.uncertainty_means[index]
-                    if enhance and output.uncertainty_means is not None
-                    else None,
-                    fidelity=output.fidelity[index].as_dict()
-                    if enhance and output.fidelity is not None
-                    else None,
+                    uncertainty=pick(output.uncertainty),
+                    uncertainty_mean=pick(output.uncertainty_means),
+                    fidelity=None if fidelity is None else fidelity.as_dict(),
+                    quality_before=pick(output.quality_before),
+                    quality_after=pick(output.quality_after),
                 )
             )
         return results
@@ -204,6 +226,10 @@ class ModelRunner:
         for count in batch_sizes:
             self.infer(np.zeros((count, 3, size, size), dtype=np.uint8), need_image=True, need_vessels=True)
         return time.perf_counter() - clock
+
+
+class QualityWeightsError(ArtifactError):
+    """``FUNDUS_QUALITY_WEIGHTS`` names no readable quality grader."""
 
 
 class DeviceSettingError(ValueError):
@@ -228,8 +254,8 @@ def prepare_model_process(settings: Settings) -> None:
 def load_runner(settings: Settings, *, on_batch: BatchObserver | None = None) -> tuple[ModelRunner, Artifact]:
     """Load ``settings.weights`` into a runner on ``FUNDUS_DEVICE`` with ``FUNDUS_TORCH_THREADS``.
 
-    Raises :class:`DeviceSettingError` for a bad device and
-    :class:`model.artifact.ArtifactError` for missing or corrupt weights. No warm-up.
+    Raises :class:`DeviceSettingError` for a bad device, :class:`QualityWeightsError` for a bad
+    quality grader and :class:`model.artifact.ArtifactError` for missing or corrupt weights. No warm-up.
     """
     try:
         device = select_device(settings.device)
@@ -238,6 +264,14 @@ def load_runner(settings: Settings, *, on_batch: BatchObserver | None = None) ->
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     artifact = load_artifact(settings.weights, device)
+    grader = None
+    if settings.quality_weights:
+        try:
+            grader = load_quality(settings.quality_weights)
+        except (OSError, ValueError, KeyError) as exc:
+            raise QualityWeightsError(
+                f"cannot load the quality grader {settings.quality_weights}: {exc}"
+            ) from exc
     runner = ModelRunner(
         artifact.model,
         device,
@@ -246,5 +280,6 @@ def load_runner(settings: Settings, *, on_batch: BatchObserver | None = None) ->
         trust_signals=settings.trust_signals,
         cuda_graphs=settings.cuda_graphs,
         max_batch_size=settings.max_batch_size,
+        grader=grader,
     )
     return runner, artifact

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.quality import QualityGrade, QualityModel
+from model.quality import QualityGrade, QualityModel, grade_of
 from service.metrics import Metrics
 from service.queue.base import JobResult
 
@@ -107,10 +107,29 @@ def grade_working(grader: QualityModel | None, working: np.ndarray) -> QualityGr
 
 
 def enhancement_report(
-    grader: QualityModel | None, before: QualityGrade | None, result: JobResult, min_dice: float
+    grader: QualityModel | None,
+    before: QualityGrade | None,
+    result: JobResult,
+    min_dice: float,
+    working: np.ndarray | None = None,
 ) -> TrustReport:
-    """The report of a finished enhancement (grades the output; CPU work, run it in the pool)."""
-    after = grade_working(grader, result.image) if result.image is not None else None
+    """The report of a finished enhancement.
+
+    The model process grades input and output inside its pass (``result.quality_before`` /
+    ``quality_after``); where it did not (a worker without a grader), the API's ``grader`` grades the
+    ``working`` input and the output here (CPU work: run it in the pool). ``before`` is a grade the
+    request already has (``only_if_needed``).
+    """
+    version = grader.version if grader is not None else "quality"
+    if before is None:
+        if result.quality_before is not None:
+            before = grade_of(result.quality_before, version)
+        elif working is not None:
+            before = grade_working(grader, working)
+    if result.quality_after is not None:
+        after: QualityGrade | None = grade_of(result.quality_after, version)
+    else:
+        after = grade_working(grader, result.image) if result.image is not None else None
     return TrustReport(
         before=before,
         after=after,

@@ -58,6 +58,8 @@ class JobResult:
         uncertainty: uint8 [S, S] stage-disagreement map (``Task.ENHANCE`` with trust signals).
         uncertainty_mean: its mean inside the field of view, on [0, 1].
         fidelity: ``{"dice", "removed", "added"}`` of the vessel maps of input and output.
+        quality_before / quality_after: P(good) of the input and of the output, when the model
+            process grades them (see :func:`model.inference.served_pass`).
     """
 
     image: np.ndarray | None
@@ -68,6 +70,8 @@ class JobResult:
     uncertainty: np.ndarray | None = None
     uncertainty_mean: float | None = None
     fidelity: dict[str, float] | None = None
+    quality_before: float | None = None
+    quality_after: float | None = None
 
 
 class QueueError(Exception):

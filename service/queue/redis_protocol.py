@@ -259,8 +259,13 @@ def encode_result(job_id: str, result: JobResult) -> dict[str, bytes | str]:
             data = np.ascontiguousarray(array, dtype=np.uint8)
             fields[name] = data.tobytes()
             fields[f"{name}_shape"] = ",".join(str(d) for d in data.shape)
-    if result.uncertainty_mean is not None:
-        fields["um"] = repr(float(result.uncertainty_mean))
+    for name, value in (
+        ("um", result.uncertainty_mean),
+        ("qb", result.quality_before),
+        ("qa", result.quality_after),
+    ):
+        if value is not None:
+            fields[name] = repr(float(value))
     if result.fidelity is not None:
         fields["fid"] = json.dumps(result.fidelity)
     return fields
@@ -306,6 +311,8 @@ def decode_reply(fields: Fields) -> Reply:
         uncertainty=uncertainty,
         uncertainty_mean=_number(fields, b"um") if b"um" in fields else None,
         fidelity=fidelity if isinstance(fidelity, dict) else None,
+        quality_before=_number(fields, b"qb") if b"qb" in fields else None,
+        quality_after=_number(fields, b"qa") if b"qa" in fields else None,
     )
     return Reply(job_id=job_id, result=result)
 

@@ -265,7 +265,9 @@ async def _model_request(
         queue.announce(request_id)
     try:
         clock = time.perf_counter()
-        upload, prepared, before = await decode_prepare(state, request, fov, grade=enhance)
+        # Only a request that may skip the model needs the grade before it; otherwise the model
+        # process grades input and output inside its pass.
+        upload, prepared, before = await decode_prepare(state, request, fov, grade=enhance and only_if_needed)
         default_format = "png" if output == "uncertainty" else _default_format(state.codecs, prepared.decoded)
         codec = choose_output_codec(state.codecs, fmt, request.headers.get("accept"), default_format)
         preprocess_s = time.perf_counter() - clock
@@ -290,7 +292,12 @@ async def _model_request(
     trust = TrustReport()
     if enhance:
         trust = await state.cpu(
-            enhancement_report, state.quality, before, result, state.settings.structure_min_dice
+            enhancement_report,
+            state.quality,
+            before,
+            result,
+            state.settings.structure_min_dice,
+            prepared.working,
         )
         trust.observe(metrics)
     description = "T-MAGE-Net enhancement" if enhance else "T-MAGE-Net vessel probability"

@@ -118,3 +118,34 @@ def test_model_process_setup_reuses_the_heap_and_passes_it_on(monkeypatch: pytes
     applied.clear()
     prepare_model_process(Settings(reuse_freed_memory=False))
     assert applied == [] and "GLIBC_TUNABLES" not in os.environ
+
+
+def test_runner_grades_input_and_output_like_the_api_grader(tiny_artifact: Path) -> None:
+    """The model process grades inside its pass; the figures match grading the same uint8 images in
+    the API process (resize by area averaging either way)."""
+    from model.quality import BUNDLED_QUALITY, load_quality
+
+    artifact = load_artifact(tiny_artifact, "cpu")
+    grader = load_quality(BUNDLED_QUALITY)
+    graded = ModelRunner(
+        artifact.model,
+        torch.device("cpu"),
+        artifact.config.working_size,
+        grader=load_quality(BUNDLED_QUALITY),
+    )
+    jobs = _jobs(graded.working_size, [Task.ENHANCE, Task.SEGMENT, Task.ENHANCE])
+    results = graded.run_jobs(jobs)
+    for job, result in zip(jobs, results, strict=True):
+        if job.task is Task.SEGMENT:
+            assert result.quality_before is None and result.quality_after is None
+            continue
+        assert (
+            result.quality_before is not None
+            and result.quality_after is not None
+            and result.image is not None
+        )
+        before, after = grader.probabilities(
+            np.stack([job.pixels.transpose(1, 2, 0), result.image.transpose(1, 2, 0)])
+        )
+        assert result.quality_before == pytest.approx(before, abs=0.02)
+        assert result.quality_after == pytest.approx(after, abs=0.02)
