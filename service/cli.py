@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
-BUILTIN_COMMANDS = ("serve", "worker", "info", "degrade", "sample")
+BUILTIN_COMMANDS = ("serve", "worker", "dicom_node", "info", "degrade", "sample")
 
 
 def build_parser() -> argparse.ArgumentParser:

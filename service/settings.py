@@ -109,6 +109,54 @@ class Settings(BaseSettings):
         description="vessel-map Dice below which an enhancement carries a warning",
     )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
+    # `fundus dicom-node`: the DIMSE Storage SCP between cameras and the PACS (service/dimse).
+    dimse_ae_title: str = Field(
+        default="FUNDUS", min_length=1, max_length=16, description="AE title of `fundus dicom-node`"
+    )
+    dimse_host: str = Field(default="0.0.0.0", description="bind address of the DICOM port and its /metrics")
+    dimse_port: int = Field(
+        default=11112, ge=0, le=65535, description="DICOM (DIMSE) port; 0 = any free port"
+    )
+    dimse_metrics_port: int = Field(
+        default=9110, ge=0, le=65535, description="/metrics, /healthz, /readyz port of the node; 0 = off"
+    )
+    dimse_destination: str | None = Field(
+        default=None, description="where derived instances go by C-STORE: AE@host:port"
+    )
+    dimse_spool_dir: Path = Field(
+        default=Path("dimse-spool"), description="durable spool of received and derived instances"
+    )
+    dimse_allowed_ae_titles: str = Field(
+        default="", description="comma-separated calling AE titles allowed to associate; empty = any"
+    )
+    dimse_allowed_hosts: str = Field(
+        default="", description="comma-separated peer addresses or networks (CIDR) allowed; empty = any"
+    )
+    dimse_max_associations: int = Field(
+        default=8, ge=1, le=1000, description="concurrent incoming associations; more are rejected"
+    )
+    dimse_acse_timeout_s: float = Field(
+        default=30.0, gt=0.0, description="association set-up/release timeout"
+    )
+    dimse_dimse_timeout_s: float = Field(default=60.0, gt=0.0, description="wait for a DIMSE message")
+    dimse_network_timeout_s: float = Field(
+        default=60.0, gt=0.0, description="idle network connection timeout"
+    )
+    dimse_segment: bool = Field(default=False, description="also send the vessel map as a DICOM Segmentation")
+    dimse_forward_original: bool = Field(
+        default=False, description="also forward the received instance unchanged"
+    )
+    dimse_concurrency: int = Field(
+        default=4, ge=1, le=256, description="instances decoded, enhanced and encoded at the same time"
+    )
+    dimse_send_associations: int = Field(
+        default=2, ge=1, le=32, description="outgoing associations to the destination at the same time"
+    )
+    dimse_retry_initial_s: float = Field(default=2.0, gt=0.0, description="first retry delay (doubles)")
+    dimse_retry_max_s: float = Field(default=300.0, gt=0.0, description="longest retry delay")
+    dimse_send_max_attempts: int = Field(
+        default=0, ge=0, description="failed sends before an item is set aside in failed/; 0 = retry forever"
+    )
 
     @field_validator("log_level")
     @classmethod
