@@ -328,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--identity", action="store_true", help="replace the model by an identity pass (HTTP path capacity)"
     )
+    parser.add_argument(
+        "--peer",
+        choices=("none", "ray"),
+        default="none",
+        help="also serve the same /enhance work with Ray Serve (FastAPI ingress + @serve.batch, "
+        "bench/ray_http_peer.py) and compare at the highest concurrency",
+    )
     args = parser.parse_args(argv)
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
     args.workers = sorted({int(w) for w in args.workers.split(",") if w.strip()})
@@ -348,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         top = max(args.concurrency)
         with server(weights, args, 1, workers=workers) as target:
             unbatched = asyncio.run(drive(target, image, top, args.requests))
+        peer = ray_peer(weights, image, args, top, workers) if args.peer == "ray" else None
 
     result = {
         "device": args.device,
@@ -368,8 +376,45 @@ def main(argv: list[str] | None = None) -> int:
             "api_overhead_ms_p50_at_1": batched[min(args.concurrency)]["overhead_ms_p50"],
         },
     }
+    if peer is not None:
+        result["ray_serve"] = peer
+        result["ratios"][f"service_over_ray_serve_at_{top}"] = (
+            batched[top]["images_per_s"] / peer["images_per_s"]
+        )
     print(json.dumps(result, indent=2))
     return 0
+
+
+def ray_peer(
+    weights: Path, image: bytes, args: argparse.Namespace, concurrency: int, ingress: int
+) -> dict[str, Any]:
+    """The Ray Serve peer (:mod:`bench.ray_http_peer`) at ``concurrency``, on the same weights, batch
+    size and wait, with as many ingress replicas as the service has API processes."""
+    from model.artifact import read_metadata
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from ray_http_peer import ray_enhance_server
+
+    working_size = int(read_metadata(weights)["config"]["working_size"])
+    # Ray prints to stdout; keep stdout for this script's JSON.
+    with (
+        contextlib.redirect_stdout(sys.stderr),
+        ray_enhance_server(
+            weights,
+            port=free_port(),
+            working_size=working_size,
+            max_batch_size=args.max_batch_size,
+            max_wait_ms=args.max_wait_ms,
+            torch_threads=args.torch_threads,
+            ingress_replicas=ingress,
+            cpus=os.cpu_count() or 1,
+        ) as url,
+    ):
+        stats = asyncio.run(drive(Server(url=url, pid=os.getpid()), image, concurrency, args.requests))
+    # The peer runs inside this process tree, clients included, so its CPU figures are not comparable,
+    # and it sends no batch-size or Server-Timing headers.
+    kept = ("concurrency", "requests", "failures", "images_per_s", "latency_ms_p50", "latency_ms_p99")
+    return {k: v for k, v in stats.items() if k in kept}
 
 
 if __name__ == "__main__":
