@@ -17,6 +17,9 @@ from service.metrics import Metrics
 from service.queue.base import JobResult
 
 FIDELITY_KEYS = ("dice", "removed", "added")
+#: What derived DICOM instances say they are (Derivation Description), before the trust figures.
+ENHANCE_DESCRIPTION = "T-MAGE-Net enhancement"
+SEGMENT_DESCRIPTION = "T-MAGE-Net vessel probability"
 
 
 @dataclass
@@ -137,3 +140,10 @@ def enhancement_report(
         fidelity=result.fidelity,
         min_dice=min_dice,
     )
+
+
+def derivation_description(enhanced: bool, trust: TrustReport) -> str:
+    """``T-MAGE-Net enhancement; quality poor p=0.124 -> good p=0.871; ...`` for an enhancement,
+    ``T-MAGE-Net vessel probability`` for a vessel map (the same text over HTTP and DIMSE)."""
+    base = ENHANCE_DESCRIPTION if enhanced else SEGMENT_DESCRIPTION
+    return "; ".join(part for part in (base, trust.summary()) if part)

@@ -27,12 +27,10 @@ from service.fidelity import in_input_format
 from service.imaging import Prepared, decode_upload, prepare, restore_enhanced, restore_vessels
 from service.queue.base import Job, JobResult, Task
 from service.settings import Settings
-from service.trust import TrustReport, enhancement_report
+from service.trust import TrustReport, derivation_description, enhancement_report
 from service.upload import Upload
 
 DICOM_MEDIA_TYPE = "application/dicom"
-ENHANCE_DESCRIPTION = "T-MAGE-Net enhancement"
-SEGMENT_DESCRIPTION = "T-MAGE-Net vessel probability"
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,7 @@ def encode_enhanced(
     encode_context = EncodeContext(
         task=Task.ENHANCE.value,
         model_version=context.model_version,
-        description="; ".join(part for part in (ENHANCE_DESCRIPTION, trust.summary()) if part),
+        description=derivation_description(True, trust),
         extra={"transfer_syntax": None},
     )
     return context.dicom_codec.encode(pixels, original=prepared.decoded, context=encode_context)
@@ -119,7 +117,7 @@ def encode_segmentation(context: ImageContext, prepared: Prepared, result: JobRe
     encode_context = EncodeContext(
         task=Task.SEGMENT.value,
         model_version=context.model_version,
-        description=SEGMENT_DESCRIPTION,
+        description=derivation_description(False, TrustReport()),
         extra={"transfer_syntax": None},
     )
     return context.dicom_codec.encode(pixels, original=prepared.decoded, context=encode_context)

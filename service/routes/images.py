@@ -38,7 +38,7 @@ from service.queue.base import BackendUnavailable, DeadlineExceeded, InferenceQu
 from service.queue.embedded import EmbeddedQueue
 from service.schemas import IMAGE_REQUEST_BODY, TRUST_HEADERS, image_responses
 from service.state import ServiceState, get_state
-from service.trust import TrustReport, enhancement_report, grade_working
+from service.trust import TrustReport, derivation_description, enhancement_report, grade_working
 from service.upload import BodyLimits, Upload, read_upload
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["images"])
@@ -300,11 +300,10 @@ async def _model_request(
             prepared.working,
         )
         trust.observe(metrics)
-    description = "T-MAGE-Net enhancement" if enhance else "T-MAGE-Net vessel probability"
     context = EncodeContext(
         task=task.value,
         model_version=state.model_version,
-        description="; ".join(part for part in (description, trust.summary()) if part),
+        description=derivation_description(enhance, trust),
         extra=_encode_extra(codec, request),
     )
 
