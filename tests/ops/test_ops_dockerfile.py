@@ -100,7 +100,8 @@ def test_weights_are_inside_and_checked_at_build() -> None:
     assert "BUNDLED_WEIGHTS" in text and "is_file()" in text
     import tomllib
 
-    package_data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    package_data = pyproject["tool"]["setuptools"]["package-data"]
     assert "weights/*.safetensors" in package_data["model"]  # the teacher and the quality grader
 
 
