@@ -27,6 +27,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -142,6 +143,15 @@ def node_metric(port: int, name: str, label: str = "") -> float:
     return 0.0
 
 
+def dcmtk_storescu() -> str | None:
+    """dcmtk's ``storescu``: pynetdicom installs a console script of the same name, with other options,
+    beside the interpreter, and an activated virtual environment puts it first on PATH."""
+    scripts = Path(sysconfig.get_path("scripts")).resolve()
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    elsewhere = [d for d in path if d and Path(d).resolve() != scripts]
+    return shutil.which("storescu", path=os.pathsep.join(elsewhere))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -152,9 +162,9 @@ def main() -> int:
     parser.add_argument("--weights", help="weight artifact (default: a random-weight tiny preset)")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     args = parser.parse_args()
-    for tool in ("storescu",):
-        if shutil.which(tool) is None:
-            sys.exit(f"{tool} not found: apt-get install dcmtk")
+    storescu_binary = dcmtk_storescu()
+    if storescu_binary is None:
+        sys.exit("storescu not found: apt-get install dcmtk")
     if not Path(ORTHANC).exists():
         sys.exit("Orthanc not found: apt-get install orthanc")
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -204,7 +214,7 @@ def main() -> int:
 
         groups = [files[index :: args.associations] for index in range(args.associations)]
         started = time.perf_counter()
-        storescu = ["storescu", "-aet", CAMERA_AE, "-aec", NODE_AE, "127.0.0.1", str(dimse_port)]
+        storescu = [storescu_binary, "-aet", CAMERA_AE, "-aec", NODE_AE, "127.0.0.1", str(dimse_port)]
         senders = [
             subprocess.Popen([*storescu, *map(str, group)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             for group in groups

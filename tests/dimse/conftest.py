@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,8 +35,19 @@ from tests.dicom.conftest import ORTHANC_BINARY, ORTHANC_TEMPLATE
 NODE_AE = "FUNDUSNODE"
 CAMERA_AE = "CAMERA1"
 ORTHANC_AE = "ORTHANC"
-STORESCU = shutil.which("storescu")
-ECHOSCU = shutil.which("echoscu")
+
+
+def dcmtk_tool(name: str) -> str | None:
+    """dcmtk's ``name`` on PATH, never pynetdicom's console script of the same name beside the interpreter
+    (an activated virtual environment puts its ``storescu``/``echoscu``, with other options, first)."""
+    scripts = Path(sysconfig.get_path("scripts")).resolve()
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    elsewhere = [d for d in path if d and Path(d).resolve() != scripts]
+    return shutil.which(name, path=os.pathsep.join(elsewhere))
+
+
+STORESCU = dcmtk_tool("storescu")
+ECHOSCU = dcmtk_tool("echoscu")
 
 
 def free_port() -> int:
