@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model.artifact import load_artifact
-from model.fov import from_working
+from model.fov import FovCircle, from_working
 from model.restore import enhanced_to_input, vessels_to_input, working_view
 from tests.geometry.zoo import read_rgb
 
@@ -49,6 +49,20 @@ def bundled_model() -> torch.nn.Module:
     return load_artifact(BUNDLED).model.eval()
 
 
+def _longest_hot_run_degrees(hot: np.ndarray, circle: FovCircle) -> int:
+    """Longest run of consecutive 1° sectors (around the FOV centre, wrapping) holding a pixel of ``hot``."""
+    ys, xs = np.nonzero(hot)
+    sectors = np.zeros(360, dtype=bool)
+    sectors[np.floor(np.degrees(np.arctan2(ys - circle.cy, xs - circle.cx))).astype(int) % 360] = True
+    if sectors.all():
+        return 360
+    run = longest = 0
+    for on in np.concatenate([sectors, sectors]):
+        run = run + 1 if on else 0
+        longest = max(longest, run)
+    return longest
+
+
 @pytest.mark.parametrize(
     "relative",
     [
@@ -73,7 +87,8 @@ def test_vessel_map_is_dark_on_the_rim_and_outside(
     rim = (radius > 0.975) & (radius <= 1.0)
     interior = (radius > 0.85) & (radius < 0.95)
     assert vessels[rim].mean() <= vessels[interior].mean()
-    assert np.mean(vessels[rim] > 127) < 0.002
+    # Vessels cross the rim, each within a few degrees; an arc drawn along the rim is a long run.
+    assert _longest_hot_run_degrees(rim & (vessels > 127), circle) < 10, "bright arc along the FOV rim"
     assert vessels[radius > 1.01].max() == 0
     assert vessels[_outside(photo)].max() <= 3
     assert vessels[_outside(photo, margin=6)].max() == 0
