@@ -31,6 +31,7 @@ from service.settings import Settings
 from tests.conftest import REPO_ROOT
 from tests.dicom.builders import load_fundus_rgb
 from tests.dicom.conftest import ORTHANC_BINARY, ORTHANC_TEMPLATE
+from tests.polling import free_port, wait_for
 
 NODE_AE = "FUNDUSNODE"
 CAMERA_AE = "CAMERA1"
@@ -48,24 +49,6 @@ def dcmtk_tool(name: str) -> str | None:
 
 STORESCU = dcmtk_tool("storescu")
 ECHOSCU = dcmtk_tool("echoscu")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)  # the polling period, not a synchronisation
 
 
 @pytest.fixture(scope="session")
