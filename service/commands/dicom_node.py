@@ -8,7 +8,6 @@ settings as for ``fundus serve``); the flags override them. Exit status: 0 after
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 # flag → FUNDUS_* variable it overrides
@@ -46,20 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from model.artifact import ArtifactError
+    from service.commands.flags import settings_with_flags
     from service.logging import configure_logging
-    from service.settings import load_settings
 
-    for flag, name in _OVERRIDES.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            os.environ[f"FUNDUS_{name}"] = str(value)
-    try:
-        settings = load_settings()
-    except ValidationError as exc:
-        print(f"error: invalid FUNDUS_* settings:\n{exc}", file=sys.stderr)  # noqa: T201
+    settings = settings_with_flags({name: getattr(args, flag, None) for flag, name in _OVERRIDES.items()})
+    if settings is None:
         return 2
     configure_logging(settings.log_level)
 

@@ -45,12 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
-    from pydantic import ValidationError
 
     from model.artifact import ArtifactError, read_metadata
+    from service.commands.flags import settings_with_flags
     from service.logging import configure_logging
     from service.runner import prepare_model_process
-    from service.settings import load_settings
 
     overrides = {
         "HOST": args.host,
@@ -59,13 +58,8 @@ def run(args: argparse.Namespace) -> int:
         "WEIGHTS": args.weights,
         "DEVICE": args.device,
     }
-    for name, value in overrides.items():
-        if value is not None:
-            os.environ[f"FUNDUS_{name}"] = str(value)
-    try:
-        settings = load_settings()
-    except ValidationError as exc:
-        print(f"error: invalid FUNDUS_* settings:\n{exc}", file=sys.stderr)  # noqa: T201
+    settings = settings_with_flags(overrides)
+    if settings is None:
         return 2
     try:
         read_metadata(settings.weights)  # fail fast, before uvicorn forks, with a one-line reason
