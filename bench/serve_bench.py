@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--weights", help="artifact to serve (default: random weights of --preset)")
-    parser.add_argument("--preset", default="lite", help="preset for random weights (lite, tiny, paper)")
+    parser.add_argument("--preset", default="lite", help="preset for random weights (tiny, lite, mid, paper)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--requests", type=int, default=32, help="measured requests per configuration")
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client concurrency levels")

@@ -4,6 +4,10 @@
   GroupNorm(32)); about 12 M parameters; for GPUs.
 * ``lite``: the CPU default, same structure with fewer channels and CABs, at most 60 GFLOPs for one
   512×512 image (``fundus info --preset lite`` prints the measured count).
+* ``mid``: between the two, for when ``lite`` runs out of capacity on a CPU: three times ``lite``'s
+  enhancement parameters (511 k) around the same vessel branch, so a ``lite`` phase-1 branch can guide
+  it; one 512×512 forward takes about 1.5 s on two CPU cores (``lite``: 0.8 s), and ``/enhance`` with
+  its trust signals answers in 1.8 s (p50, ``bench/serve_bench.py --preset mid``).
 * ``tiny``: a few thousand parameters, for tests only.
 """
 
@@ -18,6 +22,16 @@ PRESETS: dict[str, MageNetConfig] = {
         scale_unetfeats=8,
         scale_orsnetfeats=6,
         num_cab=2,
+        unet_cabs=2,
+        cab_reduction=4,
+        fusion_kernel=1,
+        vessels=VesselNetConfig(width=8, norm_groups=8),
+    ),
+    "mid": MageNetConfig(
+        n_feat=20,
+        scale_unetfeats=12,
+        scale_orsnetfeats=8,
+        num_cab=4,
         unet_cabs=2,
         cab_reduction=4,
         fusion_kernel=1,

@@ -240,6 +240,18 @@ def test_config_rejects_unknown_keys() -> None:
         MageNetConfig.from_dict(data)
 
 
+def test_mid_preset_shares_lite_vessel_branch_and_adds_enhancement_capacity() -> None:
+    """A ``lite`` phase-1 vessel branch must load into ``mid`` (the weight loader checks the config)."""
+    lite, mid = MageNet(get_preset("lite")), MageNet(get_preset("mid"))
+    assert get_preset("mid").vessels == get_preset("lite").vessels
+    mid.vessels.load_state_dict(lite.vessels.state_dict(), strict=True)
+
+    def enhancement_parameters(model: MageNet) -> int:
+        return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.vessels.parameters())
+
+    assert enhancement_parameters(mid) >= 2.5 * enhancement_parameters(lite)
+
+
 def test_get_preset_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match="lite, paper, tiny"):
+    with pytest.raises(ValueError, match="lite, mid, paper, tiny"):
         get_preset("huge")
