@@ -13,30 +13,26 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from model.config import MageNetConfig, VesselNetConfig
+
+_LITE = MageNetConfig(
+    n_feat=12,
+    scale_unetfeats=8,
+    scale_orsnetfeats=6,
+    num_cab=2,
+    unet_cabs=2,
+    cab_reduction=4,
+    fusion_kernel=1,
+    vessels=VesselNetConfig(width=8, norm_groups=8),
+)
 
 PRESETS: dict[str, MageNetConfig] = {
     "paper": MageNetConfig(),
-    "lite": MageNetConfig(
-        n_feat=12,
-        scale_unetfeats=8,
-        scale_orsnetfeats=6,
-        num_cab=2,
-        unet_cabs=2,
-        cab_reduction=4,
-        fusion_kernel=1,
-        vessels=VesselNetConfig(width=8, norm_groups=8),
-    ),
-    "mid": MageNetConfig(
-        n_feat=20,
-        scale_unetfeats=12,
-        scale_orsnetfeats=8,
-        num_cab=4,
-        unet_cabs=2,
-        cab_reduction=4,
-        fusion_kernel=1,
-        vessels=VesselNetConfig(width=8, norm_groups=8),
-    ),
+    "lite": _LITE,
+    # lite's vessel branch and block layout with wider, deeper enhancement stages.
+    "mid": replace(_LITE, n_feat=20, scale_unetfeats=12, scale_orsnetfeats=8, num_cab=4),
     "tiny": MageNetConfig(
         n_feat=4,
         scale_unetfeats=2,
