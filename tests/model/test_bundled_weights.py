@@ -77,6 +77,11 @@ def test_a_degraded_real_photograph_gains_through_http_enhance_at_native_resolut
         redis_url=None,
         log_level="WARNING",
     )
+
+    def tensor(data: bytes) -> torch.Tensor:
+        image = np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+        return torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
+
     gains = []
     with TestClient(create_app(settings)) as client:
         for seed in (1, 2, 3):
@@ -90,11 +95,6 @@ def test_a_degraded_real_photograph_gains_through_http_enhance_at_native_resolut
                 "/enhance", content=degraded.content, headers={"content-type": "image/png"}
             )
             assert enhanced.status_code == 200 and enhanced.headers["x-fov"] == "fitted"
-
-            def tensor(data: bytes) -> torch.Tensor:
-                image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-                return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255.0
-
             before = fov_psnr(tensor(degraded.content), clean, inside)
             after = fov_psnr(tensor(enhanced.content), clean, inside)
             gains.append(after - before)

@@ -98,20 +98,27 @@ def test_concurrent_answers_match_their_own_inputs(
     assert '"connections": 2' in serve_process.log()
 
 
-def test_model_process_death_gives_503_then_recovers(serve_process: ServeProcess) -> None:
+def start_slow_request(
+    server: ServeProcess, image: bytes, request_id: str
+) -> tuple[threading.Thread, dict[str, httpx.Response], int]:
+    """POST ``image`` as ``/enhance`` request ``request_id`` (a ``slow-…`` id: its batch pauses in the
+    model process) from a thread. Returns the thread, the dict its response lands in under
+    ``"response"``, and the model process's pid once the job has reached it."""
     outcome: dict[str, httpx.Response] = {}
 
-    def slow_request() -> None:
+    def send() -> None:
         outcome["response"] = httpx.post(
-            f"{serve_process.url}/enhance",
-            content=IMAGES[0],
-            headers={**PNG, "x-request-id": "slow-crash"},
-            timeout=60,
+            f"{server.url}/enhance", content=image, headers={**PNG, "x-request-id": request_id}, timeout=60
         )
 
-    caller = threading.Thread(target=slow_request)
+    caller = threading.Thread(target=send)
     caller.start()
-    model_pid = wait_for(lambda: serve_process.marker_pid("slow-crash"), 30, "the job to reach the model")
+    model_pid = wait_for(lambda: server.marker_pid(request_id), 30, "the job to reach the model")
+    return caller, outcome, model_pid
+
+
+def test_model_process_death_gives_503_then_recovers(serve_process: ServeProcess) -> None:
+    caller, outcome, model_pid = start_slow_request(serve_process, IMAGES[0], "slow-crash")
     clock = time.monotonic()
     os.kill(model_pid, signal.SIGKILL)
     caller.join(timeout=30)
@@ -133,19 +140,7 @@ def test_sigterm_drains_work_in_flight(tmp_path: Path, tiny_artifact: Path) -> N
     server.start()
     try:
         server.wait_ready()
-        outcome: dict[str, httpx.Response] = {}
-
-        def slow_request() -> None:
-            outcome["response"] = httpx.post(
-                f"{server.url}/enhance",
-                content=IMAGES[2],
-                headers={**PNG, "x-request-id": "slow-drain"},
-                timeout=60,
-            )
-
-        caller = threading.Thread(target=slow_request)
-        caller.start()
-        model_pid = wait_for(lambda: server.marker_pid("slow-drain"), 30, "the job to reach the model")
+        caller, outcome, model_pid = start_slow_request(server, IMAGES[2], "slow-drain")
         assert server.process is not None
         server.process.send_signal(signal.SIGTERM)  # what docker stop / Kubernetes send
         caller.join(timeout=60)
