@@ -314,11 +314,16 @@ class EnhanceTask(StatefulParts):
         return ((prob - target) ** 2 * fov).sum() / fov.sum().clamp_min(1.0)
 
     # ---------------------------------------------------------------- validation
+    @property
+    def exported(self) -> torch.nn.Module:
+        """The weights the run exports (``enhance.export_source``): validation scores and keeps these."""
+        return self.teacher if self.config.enhance.export_source == "teacher" else self.student
+
     @torch.no_grad()
     def validate(self, step: int) -> dict[str, float]:
         if not self.session.env.is_main or not self.validator.records:
             return {}
-        values = self.validator.run(self.teacher)
+        values = self.validator.run(self.exported)
         self._keep_if_best(step, values)
         return values
 
@@ -330,7 +335,7 @@ class EnhanceTask(StatefulParts):
         self.best = {"score": score, "step": step, "validation": values}
         save_artifact(
             self.session.run_dir / BEST_NAME,
-            self.teacher,
+            self.exported,
             preset=self.config.model.preset,
             training={"selected": self.best},
         )
@@ -393,10 +398,10 @@ def train_enhance(
                 | {"steps": task.rsp_info.get("training", {}).get("steps")},
                 "config": config.to_dict(),
             }
-            source = task.teacher if config.enhance.export_source == "teacher" else task.student
+            source = task.exported
             validation = result.last_val
-            if config.enhance.export_source == "teacher" and task.best is not None:
-                # The teacher chosen on validation, not simply the last one.
+            if task.best is not None:
+                # The weights chosen on validation, not simply the last ones.
                 source = load_artifact(session.run_dir / BEST_NAME, "cpu").model
                 training["selected"] = task.best
                 validation = task.best["validation"]

@@ -136,8 +136,13 @@ class RunLogger:
         if resume_step is not None and self.path.is_file():
             with self.path.open(newline="") as handle:
                 rows = list(csv.reader(handle))
-            if rows and rows[0] == self.columns:
-                kept = [r for r in rows[1:] if r and int(r[0]) <= resume_step]
+            if rows and rows[0][:1] == ["step"]:
+                # Rows are re-keyed by name: a resumed run may log more (or fewer) scalars than before.
+                old = rows[0]
+                for row in rows[1:]:
+                    if row and int(row[0]) <= resume_step:
+                        cells = dict(zip(old, row, strict=False))
+                        kept.append([cells.get(c, "") for c in self.columns])
         with self.path.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(self.columns)

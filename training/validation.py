@@ -5,8 +5,9 @@ Every ``val_every`` steps the teacher is scored on held-out images of the traini
 * synthetic pairs at the working size and at the photographs' own geometry through the service's
   restore path (:func:`training.evaluate.evaluate_working` / :func:`~training.evaluate.evaluate_native`),
   including the clean photograph itself ("do no harm");
-* the AUC of the independent segmenter (clean photographs only) on clean, degraded and enhanced
-  copies, i.e. whether restoration makes vessels easier or harder to find;
+* the AUC of the independent segmenter (clean photographs only) and of the model's own vessel branch
+  on clean, degraded and enhanced copies, i.e. whether restoration makes vessels easier or harder to
+  find;
 * the teacher's own vessel branch on real photographs with manual masks (CHASE_DB1): AUC and IoU
   at the served threshold 0.5.
 
@@ -56,6 +57,9 @@ COLUMNS = [
     "val/indep_auc_clean",
     "val/indep_auc_input",
     "val/indep_auc",
+    "val/vessel_auc_clean",
+    "val/vessel_auc_input",
+    "val/vessel_auc",
     "val/real_vessel_auc",
     "val/real_vessel_iou",
     "val/score",
@@ -179,6 +183,9 @@ class EnhanceValidator:
             "val/indep_auc_clean": "indep_auc_clean",
             "val/indep_auc_input": "indep_auc_degraded",
             "val/indep_auc": "indep_auc_enhanced",
+            "val/vessel_auc_clean": "vessel_auc_clean",
+            "val/vessel_auc_input": "vessel_auc_degraded",
+            "val/vessel_auc": "vessel_auc_enhanced",
         }
         values: dict[str, float] = {}
         for column, key in names.items():
