@@ -137,6 +137,33 @@ def test_finished_run_exports_the_validation_selected_teacher(
         assert key in exported.metrics["validation"], key
 
 
+def test_ablation_without_teacher_validates_and_exports_the_student(
+    tmp_path: Path, data_root: Path, phase_one: Path
+) -> None:
+    config = tiny_config(
+        tmp_path,
+        data_root,
+        [
+            "enhance.loss.vessel_anchor=frozen",
+            "enhance.loss.consistency_weight=0",
+            "enhance.export_source=student",
+            "logging.val_every=4",  # one validation, at the last step
+        ],
+    )
+    summary = train_enhance(config)
+    run = Path(summary["run_dir"])
+    state = load_checkpoint(run)["task"]
+    exported = load_artifact(run / "teacher.safetensors")
+    assert exported.training["mean_teacher"] is False and exported.training["exported"] == "student"
+    best = read_best(run / BEST_NAME)
+    assert best is not None and best["step"] == summary["steps"] == 4
+    weights = exported.model.state_dict()  # the final student, not its EMA
+    for name, value in state["student"].items():
+        assert torch.equal(weights[name], value), name
+    assert any(not torch.equal(weights[n], v) for n, v in state["teacher"].items())
+    assert load_artifact(run / BEST_NAME).sha256 == exported.sha256  # validated = exported
+
+
 def test_segmenter_trains_on_clean_photographs_only(tmp_path: Path, data_root: Path) -> None:
     config = tiny_config(tmp_path, data_root, ["segmenter.steps=3", "segmenter.width=4"])
     summary = train_segmenter(config)

@@ -54,3 +54,19 @@ def test_max_minutes_checkpoints_and_stops(tmp_path: Path, data_root: Path) -> N
     assert load_checkpoint(summary["run_dir"])["step"] == 1
     resumed = train_rsp(config, resume=summary["run_dir"])
     assert resumed["finished"] and Path(resumed["weights"]).is_file()
+
+
+def test_resumed_log_keeps_its_rows_when_scalars_are_added(tmp_path: Path) -> None:
+    from training.runtime import RunLogger
+
+    old = RunLogger(tmp_path, ["loss/a"], tensorboard=False)
+    for step in (1, 2, 3):
+        old.log(step, 0.5 * step, {"loss/a": float(step)})
+    old.close()
+    new = RunLogger(tmp_path, ["loss/a", "val/b"], tensorboard=False, resume_step=2)
+    new.log(3, 9.0, {"loss/a": 30.0, "val/b": 1.0})
+    new.close()
+    with (tmp_path / "log.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    kept = [(r["step"], r["loss/a"], r["val/b"]) for r in rows]
+    assert kept == [("1", "1", ""), ("2", "2", ""), ("3", "30", "1")]
