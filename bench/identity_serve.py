@@ -4,10 +4,10 @@
 
 The weights are still loaded (the working size, the version and ``/model`` stay real), but every
 batch answers each job's own input as the enhanced image (and its green channel as the vessel map),
-with an all-zero uncertainty map and perfect structure fidelity, so the answers keep the size and
-fields of real ones (the IPC path carries the same bytes). What remains is the HTTP path's own
-cost: upload, decode, FOV, crop, the queue hop, map back, grading and encode. ``bench/serve_bench.py
---identity`` drives it.
+with an all-zero uncertainty map, perfect structure fidelity and fixed quality grades (the model
+process grades input and output inside its pass), so the answers keep the size and fields of real
+ones (the IPC path carries the same bytes). What remains is the HTTP path's own cost: upload,
+decode, FOV, crop, the queue hop, map back and encode. ``bench/serve_bench.py --identity`` drives it.
 
 The patch is applied at import: processes spawned from this script (uvicorn's API workers, the
 model process of ``--workers N``) re-import it as their main module, so they serve the identity too.
@@ -60,6 +60,9 @@ class IdentityRunner:
                     uncertainty=self._zeros.copy() if enhance else None,
                     uncertainty_mean=0.0 if enhance else None,
                     fidelity={"dice": 1.0, "removed": 0.0, "added": 0.0} if enhance else None,
+                    # A real model process grades input and output inside its pass (see ModelRunner).
+                    quality_before=0.5 if enhance else None,
+                    quality_after=0.5 if enhance else None,
                 )
             )
         seconds = time.perf_counter() - clock

@@ -12,8 +12,9 @@ default path). The HTTP layer is not included (``serve_bench.py`` measures end t
 PNG decode through libpng vs Pillow, PNG encode through libpng's fast settings vs Pillow, the working
 crop's planes → pixels (``cv2.merge`` vs a transposed copy), and the circle fit's inlier count
 (squared distances vs square roots, on the rim points of the photograph). ``grade_quality`` is the
-quality grader that also runs in the API process (twice per ``/enhance``), reported beside the image
-steps; ``request_cpu_ms`` adds it; ``overhead_cpu_ms_with_replaced_ways`` is the overhead as it would
+quality grader, which runs in the model process's pass (input and output: twice per ``/enhance``),
+reported beside the image steps; ``request_cpu_ms`` adds it (all CPU per request where one machine
+runs both); ``overhead_cpu_ms_with_replaced_ways`` is the overhead as it would
 be with every replaced way (the sum of the savings added back). ``jpeg_camera`` decodes a 3072×2048
 JPEG in full and with reduced DCT (``draft``) to show what a reduced decode would save where full
 pixels are not needed.
