@@ -1,6 +1,7 @@
-"""Phase-2 validation: what the exported teacher is chosen on (never the test split).
+"""Phase-2 validation: what the exported weights are chosen on (never the test split).
 
-Every ``val_every`` steps the teacher is scored on held-out images of the training sets:
+Every ``val_every`` steps the weights the run exports (the EMA teacher unless
+``enhance.export_source: student``) are scored on held-out images of the training sets:
 
 * synthetic pairs at the working size and at the photographs' own geometry through the service's
   restore path (:func:`training.evaluate.evaluate_working` / :func:`~training.evaluate.evaluate_native`),
@@ -8,7 +9,7 @@ Every ``val_every`` steps the teacher is scored on held-out images of the traini
 * the AUC of the independent segmenter (clean photographs only) and of the model's own vessel branch
   on clean, degraded and enhanced copies, i.e. whether restoration makes vessels easier or harder to
   find;
-* the teacher's own vessel branch on real photographs with manual masks (CHASE_DB1): AUC and IoU
+* the model's own vessel branch on real photographs with manual masks (CHASE_DB1): AUC and IoU
   at the served threshold 0.5.
 
 :func:`selection_score` turns that into one number: the mean PSNR gain at both resolutions, with
