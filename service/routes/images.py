@@ -289,25 +289,22 @@ async def _model_request(
     metrics.queue_wait.observe(result.queue_seconds)
 
     clock = time.perf_counter()
-    trust = TrustReport()
-    if enhance:
-        trust = await state.cpu(
-            enhancement_report,
-            state.quality,
-            before,
-            result,
-            state.settings.structure_min_dice,
-            prepared.working,
-        )
-        trust.observe(metrics)
-    context = EncodeContext(
-        task=task.value,
-        model_version=state.model_version,
-        description=derivation_description(enhance, trust),
-        extra=_encode_extra(codec, request),
-    )
+    extra = _encode_extra(codec, request)
 
-    def finish() -> bytes:
+    def finish() -> tuple[bytes, TrustReport]:
+        # One trip to the pool for the report, the mapping back and the encode (each trip costs a
+        # thread wake-up and an event-loop turn on the latency of a lone request).
+        trust = TrustReport()
+        if enhance:
+            trust = enhancement_report(
+                state.quality, before, result, state.settings.structure_min_dice, prepared.working
+            )
+        context = EncodeContext(
+            task=task.value,
+            model_version=state.model_version,
+            description=derivation_description(enhance, trust),
+            extra=extra,
+        )
         if output == "uncertainty":
             if result.uncertainty is None:
                 # Only when the model workers run with FUNDUS_TRUST_SIGNALS=false and the API does not.
@@ -339,9 +336,11 @@ async def _model_request(
                 output_size=output_size,
                 threshold=threshold,  # type: ignore[arg-type]
             )
-        return _encode(codec, pixels, prepared.decoded, context)
+        return _encode(codec, pixels, prepared.decoded, context), trust
 
-    body = await state.cpu(finish)
+    body, trust = await state.cpu(finish)
+    if enhance:
+        trust.observe(metrics)
     postprocess_s = time.perf_counter() - clock
     metrics.postprocess_duration.observe(postprocess_s)
     timing = _server_timing(
