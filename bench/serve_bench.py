@@ -60,6 +60,7 @@ from service.settings import Settings  # noqa: E402
 from service.upload import Upload  # noqa: E402
 
 _INFERENCE = re.compile(r"inference;dur=([0-9.]+)")
+_TIMING = re.compile(r"(\w+);dur=([0-9.]+)")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -236,6 +237,8 @@ async def drive(target: Server, image: bytes, concurrency: int, requests: int) -
     latencies: list[float] = []
     overheads: list[float] = []
     batch_sizes: list[int] = []
+    # Server-Timing parts (pre, queue, inference, post) and what is left: HTTP, hops, client.
+    parts: dict[str, list[float]] = {}
     failures = 0
     issued = 0
 
@@ -251,9 +254,14 @@ async def drive(target: Server, image: bytes, concurrency: int, requests: int) -
                 continue
             latencies.append(elapsed)
             batch_sizes.append(int(response.headers.get("x-batch-size", "1")))
-            match = _INFERENCE.search(response.headers.get("server-timing", ""))
+            timing = response.headers.get("server-timing", "")
+            match = _INFERENCE.search(timing)
             if match:
                 overheads.append(elapsed - float(match.group(1)) / 1000.0)
+            durations = {name: float(ms) for name, ms in _TIMING.findall(timing)}
+            durations["unaccounted"] = elapsed * 1000.0 - sum(durations.values())
+            for name, ms in durations.items():
+                parts.setdefault(name, []).append(ms)
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
@@ -276,6 +284,7 @@ async def drive(target: Server, image: bytes, concurrency: int, requests: int) -
         "latency_ms_p99": percentile(latencies, 99) * 1000.0,
         "mean_batch_size": statistics.fmean(batch_sizes) if batch_sizes else 0.0,
         "overhead_ms_p50": percentile(overheads, 50) * 1000.0,
+        "server_timing_ms_p50": {name: round(percentile(values, 50), 2) for name, values in parts.items()},
         "server_cpu_ms_per_image": cpu_ms_per_image,
         "images_per_s_per_core": 1000.0 / cpu_ms_per_image if cpu_ms_per_image > 0 else float("nan"),
     }
