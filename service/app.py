@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import secrets
 import time
@@ -257,10 +258,28 @@ async def _stop(state: ServiceState) -> None:
     log.info("stopped")
 
 
+def share_cores_with_pool(pool_threads: int) -> int:
+    """Set OpenCV's threads per call to the cores each request-pool thread has to itself.
+
+    The pool already runs ``pool_threads`` requests' decode, FOV and mapping side by side; OpenCV
+    spreading every call over all cores as well oversubscribes them (its idle workers spin). On two
+    cores that cost about 8 % more CPU per 512² request and bought no latency
+    (``bench/serve_bench.py --identity`` with ``OPENCV_FOR_THREADS_NUM`` 1 vs 2). Where
+    ``OPENCV_FOR_THREADS_NUM`` is set, OpenCV has taken it already and it stays. Returns the count
+    in force.
+    """
+    import cv2
+
+    if not os.environ.get("OPENCV_FOR_THREADS_NUM"):
+        cv2.setNumThreads(max(1, (os.cpu_count() or 1) // max(1, pool_threads)))
+    return cv2.getNumThreads()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; nothing heavy happens until the lifespan starts (``with TestClient(app)``/uvicorn)."""
     settings = settings or load_settings()
     configure_logging(settings.log_level)
+    share_cores_with_pool(settings.cpu_threads)
     state = ServiceState(
         settings=settings,
         metrics=Metrics(),
