@@ -255,6 +255,7 @@ async def _stop(state: ServiceState) -> None:
     if state.queue is not None:
         await state.queue.stop(state.settings.shutdown_timeout_s)
     state.executor.shutdown(wait=False, cancel_futures=True)
+    state.metrics.retire_process()
     log.info("stopped")
 
 

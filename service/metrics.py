@@ -2,14 +2,60 @@
 
 Each app owns its own :class:`~prometheus_client.CollectorRegistry`, so several apps in one process
 (tests) never collide. Buckets run from 1 ms to 60 s so GPU milliseconds and CPU seconds both resolve.
+
+Several API processes (``fundus serve --workers N``) share one metrics folder
+(:func:`share_across_processes`, prometheus_client's multiprocess mode): whichever process answers
+a scrape reports the counters and histograms of all of them, and gauges as each one's mode says.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+
+#: prometheus_client's switch to its multiprocess mode; read when prometheus_client is imported.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_across_processes() -> str | None:
+    """Point the processes started from now on at one private metrics folder (``MULTIPROCESS_ENV``).
+
+    Call before the API processes are started. Returns the folder made here, for the caller to remove
+    when they are gone, or None where the operator set the variable already (their folder, theirs
+    to clean: it must be empty at start).
+    """
+    if os.environ.get(MULTIPROCESS_ENV):
+        return None
+    directory = tempfile.mkdtemp(prefix="fundus-metrics-")
+    os.environ[MULTIPROCESS_ENV] = directory
+    return directory
+
+
+def shared_directory() -> str | None:
+    """The metrics folder this process writes to, or None when its metrics are its own."""
+    return os.environ.get(MULTIPROCESS_ENV) or None
+
+
+class _QueueDepth(Collector):
+    """``fundus_queue_depth``, read from the queue backend at scrape time.
+
+    A collector rather than a gauge: every API process sees the same queue, so its depth is reported
+    as it is now, never summed over processes or kept in the metrics folder.
+    """
+
+    def __init__(self) -> None:
+        self.depth: Callable[[], int] = lambda: 0
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("fundus_queue_depth", "Jobs waiting for the model", value=float(self.depth()))
+
 
 LATENCY_BUCKETS = (
     0.001,
@@ -90,12 +136,17 @@ class Metrics:
             registry=r,
         )
         self.queue_wait, self.batch_size, self.inference_duration = batch_histograms(r)
-        self.queue_depth = Gauge("fundus_queue_depth", "Jobs waiting for the model", registry=r)
+        self.queue_depth = _QueueDepth()
+        r.register(self.queue_depth)
         self.rejected = Counter(
             "fundus_rejected_total", "Requests refused, by reason (error code)", ["reason"], registry=r
         )
         self.model_info = Gauge(
-            "fundus_model_info", "Served weights (always 1)", ["version", "preset", "device"], registry=r
+            "fundus_model_info",
+            "Served weights (always 1)",
+            ["version", "preset", "device"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.preprocess_duration = Histogram(
             "fundus_preprocess_seconds",
@@ -109,13 +160,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.inflight = Gauge("fundus_inflight_requests", "Requests being handled now", registry=r)
+        self.inflight = Gauge(
+            "fundus_inflight_requests", "Requests being handled now", registry=r, multiprocess_mode="livesum"
+        )
         self.batch_failures = Counter(
             "fundus_batch_failures_total",
             "Model passes that raised (every job of the batch failed)",
             registry=r,
         )
-        self.ready = Gauge("fundus_ready", "1 when the service reports ready", registry=r)
+        # Over several API processes: 1 only when every running one is ready.
+        self.ready = Gauge(
+            "fundus_ready", "1 when the service reports ready", registry=r, multiprocess_mode="livemin"
+        )
         # Trust signals (see model/trust.py and model/quality.py).
         share = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
         self.quality_before = Histogram(
@@ -150,10 +206,24 @@ class Metrics:
 
     def track_queue_depth(self, depth: Callable[[], int]) -> None:
         """Read the depth from the queue backend at scrape time."""
-        self.queue_depth.set_function(lambda: float(depth()))
+        self.queue_depth.depth = depth
 
     def set_model(self, version: str, preset: str, device: str) -> None:
         self.model_info.labels(version=version, preset=preset, device=device).set(1)
 
     def exposition(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The text format: this app's registry, or, with a shared folder, every API process's."""
+        directory = shared_directory()
+        if directory is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)
+        registry.register(self.queue_depth)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+    @staticmethod
+    def retire_process() -> None:
+        """Drop this process's live gauges from the shared folder (it is stopping; no-op without one)."""
+        directory = shared_directory()
+        if directory is not None:
+            mark_process_dead(os.getpid(), directory)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from model.artifact import ArtifactError, read_metadata
     from service.commands.flags import settings_with_flags
     from service.logging import configure_logging
+    from service.metrics import share_across_processes
     from service.runner import prepare_model_process
 
     overrides = {
@@ -68,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     prepare_model_process(settings)
     configure_logging(settings.log_level)
+    # Several API processes: /metrics of any one of them reports all of them.
+    metrics_directory = share_across_processes() if settings.workers > 1 else None
     supervisor = None
     if settings.workers > 1 and not settings.redis_url:
         supervisor = start_model_process(settings)
@@ -87,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if supervisor is not None:
             supervisor.stop()  # after uvicorn drained its API processes: their requests were answered
+        if metrics_directory is not None:
+            shutil.rmtree(metrics_directory, ignore_errors=True)
     if supervisor is not None and supervisor.failed:
         print("error: the model process could not start (see the log above)", file=sys.stderr)  # noqa: T201
         return 1

@@ -87,6 +87,10 @@ def run_model_process(
             with fewer; this process must not inherit their budget).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The API processes' shared metrics folder (service.metrics.MULTIPROCESS_ENV) is theirs: this
+    # process serves its own batch metrics, which must not be added to the API's. prometheus_client
+    # reads the variable when first imported, which has not happened yet here.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     import cv2
     import torch
 

@@ -6,6 +6,8 @@
   restarts it and the service answers again.
 * SIGTERM drains: a request in flight in the model process is answered, then everything exits.
 * A model process that cannot start at all stops the server with an error instead of restarting forever.
+* /metrics, whichever API process answers it, counts the requests of all of them (and not the model
+  process's own batch series a second time); the shared metrics folder is removed on exit.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.settings import Settings
@@ -165,3 +168,42 @@ def test_model_process_that_cannot_start_stops_the_server(tmp_path: Path, tiny_a
         assert "the model process could not start" in log
     finally:
         server.stop()
+
+
+def _samples(text: str) -> dict[str, float]:
+    """``name{labels}`` → value of every sample in a scrape (labels sorted, as the text format has them)."""
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
+
+
+def test_every_scrape_counts_the_requests_of_all_api_processes(tmp_path: Path, tiny_artifact: Path) -> None:
+    requests = 10
+    server = ServeProcess(tmp_path / "serve", tiny_artifact, TMPDIR=str(tmp_path))
+    server.start()
+    try:
+        server.wait_ready()
+        for i in range(requests):
+            # A new connection each time: the kernel hands them to either API process.
+            response = httpx.post(
+                f"{server.url}/enhance", content=IMAGES[i % len(IMAGES)], headers=PNG, timeout=60
+            )
+            assert response.status_code == 200, response.text
+        scrapes = [httpx.get(f"{server.url}/metrics", timeout=10).text for _ in range(6)]
+        assert list(tmp_path.glob("fundus-metrics-*")), "the API processes share no metrics folder"
+    finally:
+        server.stop()
+    for text in scrapes:
+        values = _samples(text)
+        assert values['fundus_requests_total{endpoint="/enhance",status="200"}'] == requests
+        assert values['fundus_request_duration_seconds_count{endpoint="/enhance"}'] == requests
+        # Observed once per request by the API; the model process's own series stay on its own port.
+        assert values["fundus_queue_wait_seconds_count"] == requests
+        assert values["fundus_inflight_requests"] == 1  # the scrape itself
+        assert values["fundus_ready"] == 1
+        assert values["fundus_queue_depth"] == 0
+        assert text.count("# TYPE fundus_queue_depth gauge") == 1
+    assert not list(tmp_path.glob("fundus-metrics-*")), "the metrics folder outlived the server"
