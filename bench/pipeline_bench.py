@@ -6,7 +6,9 @@ decode, FOV detection, crop to the working size, mapping the result back (``tran
 and PNG encode. The model itself is replaced by an identity (the working input is the "result"), which
 does not change the cost of any step. Prints one JSON object with wall and CPU medians per step;
 ``overhead_ms`` / ``overhead_cpu_ms`` sum the steps of an ``/enhance`` request with ``transfer`` (the
-default path). The HTTP layer is not included (``serve_bench.py`` measures end to end).
+default path). The HTTP layer is not included (``serve_bench.py`` measures end to end). The process runs
+with the API process's heap and thread settings: freed memory kept for reuse, OpenCV threads per call
+as one request-pool thread gets them.
 
 ``before_after`` times, in the same run, each change made to cut this work against what it replaced:
 PNG decode through libpng vs Pillow, PNG encode through libpng's fast settings vs Pillow, the working
@@ -41,13 +43,16 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from model.device import reuse_freed_memory  # noqa: E402
 from model.fov import from_working, plan_crop, to_working  # noqa: E402
 from model.fov_detect import _count_on_circles, _tolerance, detect_fov, estimate_fov  # noqa: E402
 from model.quality import BUNDLED_QUALITY, load_quality  # noqa: E402
 from model.restore import WorkingView  # noqa: E402
+from service.app import share_cores_with_pool  # noqa: E402
 from service.codecs import EncodeContext, default_registry  # noqa: E402
 from service.codecs.raster import PillowCodec  # noqa: E402
 from service.imaging import Prepared, decode_upload, planes_to_pixels, restore_enhanced  # noqa: E402
+from service.settings import Settings  # noqa: E402
 from service.upload import Upload  # noqa: E402
 
 DATA = REPO_ROOT.parent / "shared" / "data"
@@ -263,7 +268,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per step (median reported)")
     parser.add_argument("--working-size", type=int, default=512)
     args = parser.parse_args()
-    report: dict[str, Any] = {"opencv_threads": cv2.getNumThreads()}
+    # The API process's own settings: glibc keeps freed blocks for reuse (FUNDUS_REUSE_FREED_MEMORY,
+    # on by default; fresh multi-megabyte arrays otherwise cost page faults), and each OpenCV call
+    # gets the cores one request-pool thread has.
+    report: dict[str, Any] = {
+        "reuse_freed_memory": reuse_freed_memory(),
+        "opencv_threads": share_cores_with_pool(Settings(_env_file=None).cpu_threads),  # type: ignore[call-arg]
+    }
     report["png_512"] = bench_image(fundus_512(), args.working_size, args.repeats)
     hrf = fundus_hrf()
     if hrf is not None:
