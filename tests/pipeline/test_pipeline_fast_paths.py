@@ -85,6 +85,27 @@ def test_transfer_reproduces_the_result_when_the_crop_needs_no_resampling() -> N
     assert np.array_equal(out[outside], original[outside])
 
 
+class _AllPicture:
+    """A photographed area covering the whole frame: from_working takes its general weighted blend."""
+
+    def area_weight(self, rows: slice, cols: slice) -> np.ndarray:
+        return np.ones((rows.stop - rows.start, cols.stop - cols.start), dtype=np.float32)
+
+
+def test_blending_only_the_rim_band_equals_blending_everywhere() -> None:
+    # The last spec's circle runs past the top and bottom of the frame (a clipped field of view).
+    for spec in [*SPECS, (300, 480, FovCircle(240.0, 150.0, 190.0), 256, 5)]:
+        result, crop, original, working = _case(*spec)
+        disk_only = from_working(result, crop, original, working_input=working)
+        weighted = from_working(result, crop, original, working_input=working, area=_AllPicture())
+        diff = np.abs(disk_only.astype(np.int16) - weighted.astype(np.int16))
+        assert diff.max() <= 1, spec
+        assert np.count_nonzero(diff) <= 1e-3 * diff.size, spec
+        rim = FovCircle(crop.circle.cx, crop.circle.cy, crop.circle.radius + 0.5)
+        outside = ~fov_mask(*original.shape[:2], rim)
+        assert np.array_equal(disk_only[outside], original[outside])
+
+
 def test_png_encode_keeps_channel_order_and_gray() -> None:
     codec = default_registry().by_format("png")
     assert codec is not None
