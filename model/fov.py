@@ -162,8 +162,10 @@ def to_working(image: np.ndarray, crop: SquareCrop) -> np.ndarray:
         working = working[..., None]
     if np.shares_memory(working, image):
         working = working.copy()
-    inside = fov_mask(crop.size, crop.size, crop.working_circle)
-    np.multiply(working, inside[..., None], out=working)
+    # Zero outside the circle: a masked subtraction of the image from itself, in place (a tenth of
+    # the time of multiplying by a broadcast boolean mask).
+    outside = np.logical_not(fov_mask(crop.size, crop.size, crop.working_circle)).view(np.uint8)
+    cv2.subtract(working, working, dst=working, mask=outside)
     return working[..., 0] if squeeze else working
 
 
