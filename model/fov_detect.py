@@ -180,9 +180,9 @@ def _has_background(image: np.ndarray) -> bool:
 
 def _difference(smooth: np.ndarray, colour: np.ndarray) -> np.ndarray:
     """``[h, w]`` uint8: per pixel, the largest channel difference from the background colour."""
-    reference = np.empty_like(smooth)
-    reference[:] = np.clip(np.round(colour), 0, 255).astype(np.uint8)
-    red, green, blue = cv2.split(cv2.absdiff(smooth, reference))
+    # A scalar operand: no image-sized copy of the colour to build (that was three quarters of the time).
+    reference = tuple(float(v) for v in np.clip(np.round(colour), 0, 255).astype(np.uint8))
+    red, green, blue = cv2.split(cv2.absdiff(smooth, (*reference, 0.0)))
     return cv2.max(cv2.max(red, green), blue)
 
 
