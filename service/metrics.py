@@ -10,9 +10,11 @@ a scrape reports the counters and histograms of all of them, and gauges as each 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -41,6 +43,30 @@ def share_across_processes() -> str | None:
 def shared_directory() -> str | None:
     """The metrics folder this process writes to, or None when its metrics are its own."""
     return os.environ.get(MULTIPROCESS_ENV) or None
+
+
+def forget_dead_processes(directory: str) -> None:
+    """Drop the live gauges of API processes that are gone without saying so (killed, crashed).
+
+    Their counters stay (totals never go back); a stale ``fundus_ready`` 0 or in-flight count would
+    otherwise stay in every scrape until the server restarts.
+    """
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = path.stem.rpartition("_")[2]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):  # another process may be removing the same files
+            mark_process_dead(int(pid), directory)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _QueueDepth(Collector):
@@ -216,6 +242,7 @@ class Metrics:
         directory = shared_directory()
         if directory is None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        forget_dead_processes(directory)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=directory)
         registry.register(self.queue_depth)
