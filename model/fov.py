@@ -356,6 +356,14 @@ def _soft_weight(squared: np.ndarray, edge: float, picture: np.ndarray | None) -
     return weight[..., None]
 
 
+def _blend_weighted(mapped: np.ndarray, base: np.ndarray, weight: np.ndarray) -> None:
+    """``mapped ← base + weight · (mapped − base)`` in place (``[h, w, C]`` float32, ``base`` uint8,
+    ``weight`` ``[h, w, 1]``)."""
+    mapped -= base
+    mapped *= weight
+    mapped += base
+
+
 def _blend_on_disk(
     out: np.ndarray, mapped: np.ndarray, base: np.ndarray, squared: np.ndarray, edge: float
 ) -> None:
@@ -487,10 +495,7 @@ def from_working(
         # Owned by this call (``res`` itself when no resampling is needed): blended in place.
         blended = _in_image(_resample_box(res, crop), crop)
         if same_channels:
-            base = original[roi]
-            blended -= base
-            blended *= weight
-            blended += base
+            _blend_weighted(blended, original[roi], weight)
             out = original.copy()
         else:
             blended *= weight
@@ -507,9 +512,7 @@ def from_working(
             if picture is None:
                 _blend_on_disk(out[roi], mapped, base, squared, edge)
             else:
-                mapped -= base
-                mapped *= _soft_weight(squared, edge, picture)
-                mapped += base
+                _blend_weighted(mapped, base, _soft_weight(squared, edge, picture))
                 out[roi] = _to_uint8(mapped)
         return out
     out[roi] = _to_uint8(blended)
