@@ -295,7 +295,10 @@ class EnhancePhaseConfig:
         batch_labeled: synthetic pairs per iteration (per process).
         batch_unlabeled: unlabeled real images per iteration (per process).
         ema_decay: α of the EMA teacher.
-        rsp_checkpoint: vessel weights from phase 1; empty = ``<run>/rsp/rsp.safetensors``.
+        rsp_checkpoint: vessel weights from phase 1; empty = ``<run>/rsp/rsp.safetensors``. A model
+            artifact is accepted (its vessel branch).
+        init_weights: a model artifact of the same preset whose weights start the student and the
+            teacher (fine-tuning shipped weights with another recipe); empty = random restorer.
         pseudo_dir: pseudo-mask folder; empty = ``<run>/pseudo-masks``.
         degradation_mode: ``cofe`` or ``paper``.
         degrade_full: degrade the whole working image, then crop (keeps the degradation statistics
@@ -314,6 +317,7 @@ class EnhancePhaseConfig:
     batch_unlabeled: int = 8
     ema_decay: float = 0.999
     rsp_checkpoint: str = ""
+    init_weights: str = ""
     pseudo_dir: str = ""
     degradation_mode: str = "cofe"
     degrade_full: bool = True

@@ -26,6 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from model.artifact import load_artifact, read_metadata, save_artifact
+from model.config import MageNetConfig
 from model.device import autocast, conv_memory_format
 from model.magenet import MageNet
 from model.presets import get_preset
@@ -106,6 +107,8 @@ class EnhanceTask(StatefulParts):
                 self.reference.to(self.device, memory_format=conv_memory_format(self.device))
             if self.anchor == "frozen":
                 self.student.vessels.requires_grad_(False)
+        if e.init_weights:
+            self._start_from(e.init_weights, preset)
         self.student.to(self.device, memory_format=conv_memory_format(self.device))
         self.teacher = make_teacher(self.student)
         self.model: torch.nn.Module = self.student
@@ -177,6 +180,20 @@ class EnhanceTask(StatefulParts):
                     len(missing),
                     pseudo,
                 )
+
+    def _start_from(self, path: str, preset: MageNetConfig) -> None:
+        """Load a whole artifact of the same preset into the student (the teacher copies it next).
+
+        The vessel branch comes along with the restorer; the frozen reference stays the phase-1
+        branch loaded from ``rsp_checkpoint``.
+        """
+        artifact = load_artifact(path, "cpu")
+        if artifact.config != preset:
+            name, preset_name = Path(path).name, self.config.model.preset
+            raise ValueError(f"{name} is a {artifact.preset!r} model; this run trains {preset_name!r}")
+        with torch.no_grad():
+            self.student.load_state_dict(artifact.model.state_dict(), strict=True)
+        self.rsp_info["init_weights"] = {"path": str(path), "sha256": artifact.sha256}
 
     def _param_groups(self, lr: float, vessel_lr_scale: float) -> list[dict[str, Any]]:
         """Adam groups: the restorer at ``lr``, the trainable vessel branch at ``lr · scale``."""

@@ -133,7 +133,13 @@ def test_finished_run_exports_the_validation_selected_teacher(
     chosen = load_artifact(run / BEST_NAME)
     assert exported.sha256 == chosen.sha256
     assert exported.training["selected"]["step"] == best["step"]
-    for key in ("val/native_psnr", "val/native_psnr_clean", "val/real_vessel_iou", "val/psnr_clean"):
+    for key in (
+        "val/native_psnr",
+        "val/native_psnr_clean",
+        "val/real_vessel_iou",
+        "val/psnr_clean",
+        "val/psnr_clean_worst",
+    ):
         assert key in exported.metrics["validation"], key
 
 
@@ -211,3 +217,42 @@ def test_round_robin_and_selection_score() -> None:
     assert selection_score(base) == pytest.approx(4.0)
     assert selection_score({**base, "val/indep_auc": 0.87}) == pytest.approx(-6.0)
     assert selection_score({**base, "val/native_psnr_clean": 29.0}) == pytest.approx(-6.0)
+    # One harmed photograph fails the guard even when the mean over the others hides it.
+    assert selection_score({**base, "val/psnr_clean_worst": 31.0}) == pytest.approx(4.0)
+    assert selection_score({**base, "val/psnr_clean_worst": 24.0}) == pytest.approx(-6.0)
+
+
+def test_run_can_start_from_shipped_weights(tmp_path: Path, data_root: Path, phase_one: Path) -> None:
+    """``enhance.init_weights`` + an artifact as ``rsp_checkpoint``: a run continues from a weight file
+    alone (no phase-1 folder), starting exactly at its weights."""
+    first = train_enhance(tiny_config(tmp_path, data_root, ["enhance.loss.vessel_anchor=frozen"]))
+    shipped = Path(first["weights"])
+    still = [
+        f"enhance.init_weights={shipped}",
+        f"enhance.rsp_checkpoint={shipped}",
+        "enhance.loss.vessel_anchor=frozen",
+        "enhance.loss.structure_weight=1.0",
+        "enhance.optim.lr=0",
+        "enhance.optim.lr_min=0",
+        "run.name=continued",
+    ]
+    run = Path(train_enhance(tiny_config(tmp_path, data_root, still))["run_dir"])
+    start = load_artifact(shipped).model.state_dict()
+    student = load_checkpoint(run)["task"]["student"]
+    assert all(torch.equal(student[name], value) for name, value in start.items())
+
+    # Without init_weights the same (frozen-rate) run keeps a random restorer: the file mattered.
+    fresh = Path(train_enhance(tiny_config(tmp_path, data_root, [*still[1:], "run.name=fresh"]))["run_dir"])
+    state = load_checkpoint(fresh)["task"]["student"]
+    assert any(not torch.equal(state[k], v) for k, v in start.items() if not k.startswith("vessels."))
+    assert all(torch.equal(state[k], v) for k, v in start.items() if k.startswith("vessels."))
+
+
+def test_init_weights_of_another_preset_are_refused(tmp_path: Path, data_root: Path, phase_one: Path) -> None:
+    shipped = Path(
+        train_enhance(tiny_config(tmp_path, data_root, ["enhance.loss.vessel_anchor=frozen"]))["weights"]
+    )
+    overrides = [f"enhance.init_weights={shipped}", "model.preset=lite", "enhance.loss.use_rsp=false"]
+    other = tiny_config(tmp_path, data_root, [*overrides, "run.name=other"])
+    with pytest.raises(ValueError, match="this run trains 'lite'"):
+        train_enhance(other)
