@@ -211,6 +211,14 @@ def register_eval(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="independent vessel segmenter weights (default: training/weights/segmenter.safetensors)",
     )
+    parser.add_argument(
+        "--good-photos",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="good photographs (files or folders) of the cameras in use: report how much the model "
+        "changes them (PSNR against themselves, worst and median)",
+    )
     parser.set_defaults(func=run_eval)
 
 
@@ -232,6 +240,7 @@ def run_eval(args: argparse.Namespace) -> int:
             resolution=args.resolution,
             native_max_side=args.native_max_side,
             segmenter=args.segmenter or DEFAULT_SEGMENTER,
+            good_photos=args.good_photos,
         )
     except (ArtifactError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)  # noqa: T201

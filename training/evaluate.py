@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +39,7 @@ from model.device import select_device
 from model.fov import FovNotFound, fov_mask, to_working
 from model.fov_detect import detect_fov
 from model.restore import enhanced_to_input, working_view
+from training.do_no_harm import evaluate_good_photos, good_photo_paths
 from training.metrics import psnr, ssim, vessel_metrics
 from training.prepare import make_working, read_mask, read_rgb
 from training.report import write_html
@@ -363,12 +364,18 @@ def evaluate(
     resolution: Resolution = "both",
     native_max_side: int = 0,
     segmenter: str | Path | None = None,
+    good_photos: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
-    """Run the evaluation and write ``report.json``, ``report.html`` and ``images/``."""
+    """Run the evaluation and write ``report.json``, ``report.html`` and ``images/``.
+
+    ``good_photos``: files or folders of good photographs of the cameras in use; the report's
+    ``good_photos`` section says how much the model changes them (:mod:`training.do_no_harm`).
+    """
     if size <= 0 or size % 8:
         raise ValueError("--size must be a positive multiple of 8")
     if resolution not in ("512", "native", "both"):
         raise ValueError("--resolution must be 512, native or both")
+    good_paths = good_photo_paths(good_photos) if good_photos else []
     started = time.monotonic()
     target = select_device(device)
     artifact = load_artifact(weights, target)
@@ -429,6 +436,13 @@ def evaluate(
         log.info("eval %d/%d: %s", index + 1, len(items), item.label)
 
     summary = summarise(synthetic, real)
+    good = evaluate_good_photos(good_paths, enhance, size) if good_paths else None
+    if good is not None:
+        overall = good["summary"]["all"]
+        summary["good_photos"] = overall["photos"]
+        for key in ("psnr_working", "psnr_native"):
+            summary[f"good_{key}_worst"] = overall[f"{key}_worst"]
+            summary[f"good_{key}_median"] = overall[f"{key}_median"]
     report = {
         "weights": str(weights),
         "version": artifact.version,
@@ -445,6 +459,7 @@ def evaluate(
         "summary": summary,
         "synthetic": synthetic,
         "real": real,
+        "good_photos": good,
     }
     (folder / "report.json").write_text(json.dumps(_finite(report), indent=1))
     write_html(folder / "report.html", report)
