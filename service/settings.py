@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.artifact import BUNDLED_WEIGHTS
@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     quality_weights: str = Field(
         default=str(BUNDLED_QUALITY), description="quality grader (.safetensors); empty disables grading"
     )
+    enhance_only_if_needed: bool = Field(
+        default=False,
+        description="default of /enhance's only_if_needed: return photographs the quality grader finds "
+        "good unchanged (a request's own only_if_needed wins); needs the quality grader",
+    )
     structure_min_dice: float = Field(
         default=0.7,
         ge=0.0,
@@ -165,6 +170,15 @@ class Settings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError(f"unknown log level {value!r}")
         return level
+
+    @model_validator(mode="after")
+    def _grader_for_default_skip(self) -> Settings:
+        if self.enhance_only_if_needed and not self.quality_weights.strip():
+            raise ValueError(
+                "FUNDUS_ENHANCE_ONLY_IF_NEEDED=true needs the quality grader "
+                "(FUNDUS_QUALITY_WEIGHTS is empty)"
+            )
+        return self
 
     @property
     def api_key_list(self) -> list[str]:

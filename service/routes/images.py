@@ -432,12 +432,12 @@ async def enhance(
     report: ReportQuery = "file",
     fov: FovQuery = "auto",
     only_if_needed: Annotated[
-        bool,
+        bool | None,
         Query(
             description="when the photograph is already graded good, return it unchanged "
-            "(`X-Enhanced: false`) instead of enhancing it"
+            "(`X-Enhanced: false`) instead of enhancing it; default `FUNDUS_ENHANCE_ONLY_IF_NEEDED`"
         ),
-    ] = False,
+    ] = None,
     output: Annotated[
         Literal["image", "uncertainty"],
         Query(
@@ -457,7 +457,9 @@ async def enhance(
         store=store,
         report=report,
         fov=fov,
-        only_if_needed=only_if_needed,
+        only_if_needed=get_state(request).settings.enhance_only_if_needed
+        if only_if_needed is None
+        else only_if_needed,
         output=output,
     )
 

@@ -238,6 +238,23 @@ def test_only_if_needed_returns_a_good_dicom_unchanged(always_good: TestClient) 
     assert response.content == upload
 
 
+def test_deployment_default_skips_good_photos_and_a_request_can_overrule_it(
+    make_settings: Callable[..., Settings], graders: dict[str, Path], png_bytes: bytes
+) -> None:
+    settings = make_settings(quality_weights=str(graders["good"]), enhance_only_if_needed=True)
+    with TestClient(create_app(settings)) as client:
+        skipped = client.post("/enhance", content=png_bytes, headers=PNG)
+        assert skipped.status_code == 200, skipped.text
+        assert skipped.headers["x-enhanced"] == "false" and skipped.content == png_bytes
+        forced = client.post("/enhance?only_if_needed=false", content=png_bytes, headers=PNG)
+        assert forced.headers["x-enhanced"] == "true" and forced.content != png_bytes
+
+
+def test_deployment_default_needs_the_grader(make_settings: Callable[..., Settings]) -> None:
+    with pytest.raises(ValueError, match="FUNDUS_ENHANCE_ONLY_IF_NEEDED=true needs the quality grader"):
+        make_settings(quality_weights="", enhance_only_if_needed=True)
+
+
 def test_only_if_needed_must_be_a_boolean(client: TestClient, png_bytes: bytes) -> None:
     assert_error(client.post("/enhance?only_if_needed=maybe", content=png_bytes, headers=PNG), 400)
 
