@@ -146,11 +146,10 @@ class EnhanceTask(StatefulParts):
             raise ValueError("no clean training images (check data.clean_sets / data.eyeq_*)")
         if self.use_teacher and not self.unlabeled:
             raise ValueError("consistency_weight > 0 needs unlabeled real images (data.unlabeled_sets ...)")
-        clean_sets = set(cfg.data.clean_sets) | set(cfg.data.quality_clean_sets) | {"eyeq"}
         held_out = split.with_role("val")
         self.validator = EnhanceValidator(
             cfg,
-            round_robin([r for r in held_out if r.set in clean_sets], cfg.data.val_images),
+            round_robin(split.held_out_clean(cfg.data), cfg.data.val_images),
             [r for r in held_out if r.set in cfg.data.unlabeled_sets and r.vessel is not None],
             self.cache,
             self.device,

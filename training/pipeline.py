@@ -19,6 +19,7 @@ from typing import Any
 from training.checkpoint import CHECKPOINT_NAME
 from training.config import TrainConfig
 from training.model_card import write_tables
+from training.sources import build_split
 
 log = logging.getLogger("training")
 
@@ -101,6 +102,8 @@ def run_all(
             limit=eval_limit,
             native_max_side=native_max_side,
             segmenter=config.phase_dir("segmenter") / "segmenter.safetensors",
+            # Do no harm across every camera trained on: the run's held-out good photographs.
+            good_photos=[r.image for r in build_split(config.data).held_out_clean(config.data)],
         )
         summary["eval"] = {"report": str(out / "report.json"), "summary": report["summary"]}
         summary["model_card_tables"] = str(write_tables(report, out / "model-card-tables.md"))

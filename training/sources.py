@@ -144,6 +144,12 @@ class Split:
     def with_role(self, role: str) -> list[ImageRecord]:
         return [r for r in self.records if role in r.roles]
 
+    def held_out_clean(self, config: DataConfig) -> list[ImageRecord]:
+        """Validation photographs of the sets whose images are clean targets (good photographs that
+        training never saw)."""
+        clean_sets = set(config.clean_sets) | set(config.quality_clean_sets) | {"eyeq"}
+        return [r for r in self.with_role("val") if r.set in clean_sets]
+
     def counts(self) -> dict[str, dict[str, int]]:
         """{role: {set: count}} for the training summary."""
         table: dict[str, Counter[str]] = {role: Counter() for role in ROLES}

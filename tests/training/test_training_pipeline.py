@@ -43,6 +43,12 @@ def test_all_phases_then_eval_and_tables(
         assert (run / product).is_file(), product
     tables = (run / "eval" / "model-card-tables.md").read_text()
     assert "at native resolution through `restore`" in tables and "independent segmenter" in tables
+    # Do no harm is checked on the run's held-out good photographs, never on the test split.
+    report = json.loads((run / "eval" / "report.json").read_text())
+    good = [Path(p["image"]).stem for p in report["good_photos"]["photos"]]
+    roles = (run / "enhance" / "roles.csv").read_text().splitlines()
+    assert good and all(any(f",{stem},val," in row for row in roles) for stem in good)
+    assert "worst good photograph" in tables
     assert json.loads((run / "pipeline.json").read_text())["finished"]
     # A second call finds every product and only re-evaluates.
     assert main(args) == 0
