@@ -14,6 +14,7 @@ training summary in its metadata.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from model.weight_files import read_weights, state_tensors, write_weights
 
@@ -106,12 +108,17 @@ class QualityModel:
         """(B,) P(good) of (B, 3, H, W) images on [0, 1] on the grader's device (call under inference
         mode). Square inputs are resized to QUALITY_SIZE by area averaging (nearest when enlarging), as
         the uint8 path's INTER_AREA does up to rounding: how the model process grades inside its pass."""
-        if images.shape[-2:] != (QUALITY_SIZE, QUALITY_SIZE):
-            shrinking = images.shape[-1] > QUALITY_SIZE
+        side = images.shape[-1]
+        if side % QUALITY_SIZE == 0 and images.shape[-2] == side and side > QUALITY_SIZE:
+            # An integer factor (512 → 256): area averaging is a plain k×k average pool, the same
+            # numbers in well under half the time.
+            images = F.avg_pool2d(images, side // QUALITY_SIZE)
+        elif images.shape[-2:] != (QUALITY_SIZE, QUALITY_SIZE):
             images = F.interpolate(
-                images, size=(QUALITY_SIZE, QUALITY_SIZE), mode="area" if shrinking else "nearest"
+                images, size=(QUALITY_SIZE, QUALITY_SIZE), mode="area" if side > QUALITY_SIZE else "nearest"
             )
-        return torch.sigmoid(self.net(images.float()) / self.temperature)
+        images = images.float().contiguous(memory_format=torch.channels_last)
+        return torch.sigmoid(self.net(images) / self.temperature)
 
     def to(self, device: torch.device) -> QualityModel:
         """The same grader with its network on ``device``."""
@@ -157,14 +164,34 @@ def save_quality(path: str | Path, net: QualityNet, temperature: float, training
     return version
 
 
+def for_inference(net: QualityNet) -> QualityNet:
+    """An inference copy of ``net`` (eval mode): every conv → batch-norm pair folded into one biased
+    conv, weights in channels-last layout.
+
+    The same answers up to float rounding (logits within 1e-5 on [0, 1] inputs) for about a third less
+    CPU time per grade: the batch-norm passes over every feature map disappear, and channels-last
+    convolutions are faster here (the uint8 path's NHWC images are already in that layout).
+    """
+    net = copy.deepcopy(net).eval()
+    layers = list(net.features)
+    folded: list[nn.Module] = []
+    for layer in layers:
+        if isinstance(layer, nn.BatchNorm2d) and folded and isinstance(folded[-1], nn.Conv2d):
+            folded[-1] = fuse_conv_bn_eval(folded[-1], layer)
+        else:
+            folded.append(layer)
+    net.features = nn.Sequential(*folded)
+    return net.to(memory_format=torch.channels_last)
+
+
 def load_quality(path: str | Path) -> QualityModel:
-    """The grader stored at ``path`` (CPU, eval mode); ValueError when it is not one."""
+    """The grader stored at ``path`` (CPU, eval mode, folded for inference); ValueError when it is
+    not one."""
     meta, tensors = read_weights(path, KIND, "quality model")
     net = QualityNet(int(meta["width"]))
     net.load_state_dict(tensors, strict=True)
-    net.eval()
     return QualityModel(
-        net=net,
+        net=for_inference(net),
         temperature=float(meta.get("temperature", "1.0")),
         version=meta.get("version", "quality"),
         training=json.loads(meta.get("training", "{}")),
