@@ -62,11 +62,12 @@ def _tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
 
 
-def score_good_photo(path: Path, enhance: EnhanceFn, size: int) -> dict[str, Any]:
+def score_good_photo(path: Path, enhance: EnhanceFn, size: int) -> tuple[dict[str, Any], list[np.ndarray]]:
     """PSNR (dB, 100 = unchanged) of the model's answer against the photograph, in its FOV.
 
     ``psnr_working``: the ``size``² working image; ``psnr_native``: the (H, W, 3) photograph through the
-    service's restore path (FOV crop, network, transfer back).
+    service's restore path (FOV crop, network, transfer back). Also returns the working-size panels
+    input | answer, for looking at what changed.
     """
     pixels = read_rgb(path)
     view = working_view(pixels, size)
@@ -74,12 +75,13 @@ def score_good_photo(path: Path, enhance: EnhanceFn, size: int) -> dict[str, Any
     inside_working = torch.from_numpy(working_fov_mask(view.crop) >= 0.5)
     restored = enhanced_to_input(view, pixels, answer)
     inside_native = torch.from_numpy(fov_mask(*pixels.shape[:2], view.crop.circle))
-    return {
+    row = {
         "image": str(path),
         "camera": camera_of(path),
         "psnr_working": psnr(_tensor(answer), _tensor(view.working), inside_working),
         "psnr_native": psnr(_tensor(restored), _tensor(pixels), inside_native),
     }
+    return row, [view.working, answer]
 
 
 def summarise_good(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -102,10 +104,19 @@ def summarise_good(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def evaluate_good_photos(paths: list[Path], enhance: EnhanceFn, size: int) -> dict[str, Any]:
-    """Scores of every photograph plus :func:`summarise_good`."""
+def evaluate_good_photos(
+    paths: list[Path],
+    enhance: EnhanceFn,
+    size: int,
+    save_panels: Callable[[int, list[np.ndarray]], str] | None = None,
+) -> dict[str, Any]:
+    """Scores of every photograph plus :func:`summarise_good`; ``save_panels(index, panels)`` stores
+    each photograph's input | answer picture and returns its name (kept as the row's ``grid``)."""
     rows = []
     for index, path in enumerate(paths):
-        rows.append(score_good_photo(path, enhance, size))
+        row, panels = score_good_photo(path, enhance, size)
+        if save_panels is not None:
+            row["grid"] = save_panels(index, panels)
+        rows.append(row)
         log.info("good photo %d/%d", index + 1, len(paths))
     return {"summary": summarise_good(rows), "photos": rows}

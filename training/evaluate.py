@@ -436,7 +436,11 @@ def evaluate(
         log.info("eval %d/%d: %s", index + 1, len(items), item.label)
 
     summary = summarise(synthetic, real)
-    good = evaluate_good_photos(good_paths, enhance, size) if good_paths else None
+    good = None
+    if good_paths:
+        good = evaluate_good_photos(
+            good_paths, enhance, size, lambda index, panels: _save_grid(folder, index, panels, "good")
+        )
     if good is not None:
         overall = good["summary"]["all"]
         summary["good_photos"] = overall["photos"]
@@ -509,12 +513,12 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _save_grid(folder: Path, index: int, panels: list[np.ndarray]) -> str:
+def _save_grid(folder: Path, index: int, panels: list[np.ndarray], prefix: str = "") -> str:
     """Side-by-side PNG of equally sized RGB panels; returns its path relative to ``folder``."""
     gap = np.full((panels[0].shape[0], 4, 3), 255, np.uint8)
     row: list[np.ndarray] = []
     for panel in panels:
         row += [panel, gap]
-    name = f"images/{index:03d}.png"
+    name = f"images/{prefix}{index:03d}.png"
     cv2.imwrite(str(folder / name), cv2.cvtColor(np.concatenate(row[:-1], axis=1), cv2.COLOR_RGB2BGR))
     return name

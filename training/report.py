@@ -80,12 +80,20 @@ def write_html(path: Path, report: dict[str, Any]) -> None:
         f"<h2>Real images ({s['real_images']} images, no clean reference)</h2>",
         _table(["metric", "raw", "enhanced"], real_rows),
         "<h2>Images</h2><p>Synthetic rows: degraded | CLAHE | model | clean (working size). "
-        "Real rows: raw | enhanced.</p>",
+        "Real rows: raw | enhanced. Good photographs: input | answer (working size).</p>",
     ]
-    for row in report["synthetic"] + report["real"]:
+    good = report.get("good_photos")
+    if good:
+        parts.insert(-1, _good_photos_section(good))
+    for row in report["synthetic"] + report["real"] + (good["photos"] if good else []):
         if "grid" not in row:
             continue
-        if row["group"] == "synthetic":
+        if "camera" in row:
+            caption = (
+                f"good photograph {row['image']}: input | answer, PSNR vs itself "
+                f"{_fmt(row['psnr_working'], 2)} dB (512²), {_fmt(row['psnr_native'], 2)} dB (native)"
+            )
+        elif row["group"] == "synthetic":
             caption = (
                 f"{row['image']}: PSNR {_fmt(row.get('psnr_degraded'), 2)} | "
                 f"{_fmt(row.get('psnr_clahe'), 2)} | {_fmt(row.get('psnr_model'), 2)} dB"
@@ -101,3 +109,21 @@ def write_html(path: Path, report: dict[str, Any]) -> None:
         )
     parts.append("</body></html>")
     path.write_text("\n".join(parts))
+
+
+def _good_photos_section(good: dict[str, Any]) -> str:
+    """The do-no-harm table: per camera, how close good photographs stay to themselves."""
+    summary = good["summary"]
+    rows = [
+        [
+            html.escape(name),
+            str(stats["photos"]),
+            f"{_fmt(stats['psnr_working_worst'], 2)} / {_fmt(stats['psnr_working_median'], 2)}",
+            f"{_fmt(stats['psnr_native_worst'], 2)} / {_fmt(stats['psnr_native_median'], 2)}",
+            _fmt(stats["psnr_working_left_alone"], 2),
+        ]
+        for name, stats in [*summary["cameras"].items(), ("all", summary["all"])]
+    ]
+    header = ["camera", "photos", "512²: worst / median dB", "native: worst / median dB", "left alone"]
+    title = f"<h2>Good photographs through the model (left alone: ≥ {summary['left_alone_db']:g} dB)</h2>"
+    return title + _table(header, rows)

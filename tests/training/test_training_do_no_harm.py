@@ -81,6 +81,10 @@ def test_eval_cli_reports_good_photos_and_the_card_row(
     summary = report["summary"]
     assert summary["good_photos"] == 3 and 0 < summary["good_psnr_working_worst"] <= 100
     assert "worst good photograph" in tables(report)
+    page = (out / "report.html").read_text()
+    assert "Good photographs through the model" in page and "idrid" in page
+    assert len(list((out / "images").glob("good*.png"))) == 3
+    assert all((out / row["grid"]).is_file() for row in report["good_photos"]["photos"])
     plain = tmp_path / "plain"
     assert main([*args[:-1], str(plain), *fast]) == 0
     assert "worst good photograph" not in tables(json.loads((plain / "report.json").read_text()))
