@@ -21,7 +21,7 @@ import torch
 
 from model.fov import fov_mask, working_fov_mask
 from model.restore import enhanced_to_input, working_view
-from training.metrics import psnr
+from training.metrics import image_tensor, psnr
 from training.prepare import read_rgb
 from training.sources import list_images
 
@@ -58,10 +58,6 @@ def camera_of(path: Path) -> str:
     return parent.parent.name if parent.name == "images" and parent.parent.name else parent.name
 
 
-def _tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
-
-
 def score_good_photo(path: Path, enhance: EnhanceFn, size: int) -> tuple[dict[str, Any], list[np.ndarray]]:
     """PSNR (dB, 100 = unchanged) of the model's answer against the photograph, in its FOV.
 
@@ -78,8 +74,8 @@ def score_good_photo(path: Path, enhance: EnhanceFn, size: int) -> tuple[dict[st
     row = {
         "image": str(path),
         "camera": camera_of(path),
-        "psnr_working": psnr(_tensor(answer), _tensor(view.working), inside_working),
-        "psnr_native": psnr(_tensor(restored), _tensor(pixels), inside_native),
+        "psnr_working": psnr(image_tensor(answer), image_tensor(view.working), inside_working),
+        "psnr_native": psnr(image_tensor(restored), image_tensor(pixels), inside_native),
     }
     return row, [view.working, answer]
 

@@ -40,7 +40,7 @@ from model.fov import FovNotFound, fov_mask, to_working
 from model.fov_detect import detect_fov
 from model.restore import enhanced_to_input, working_view
 from training.do_no_harm import evaluate_good_photos, good_photo_paths
-from training.metrics import psnr, ssim, vessel_metrics
+from training.metrics import image_tensor, psnr, ssim, vessel_metrics
 from training.prepare import make_working, read_mask, read_rgb
 from training.report import write_html
 from training.segmenter import load_segmenter
@@ -133,10 +133,6 @@ def clahe_baseline(image: np.ndarray, fov: np.ndarray, clip: float = 2.0, tiles:
     return (out * fov[..., None]).astype(np.uint8)
 
 
-def _to_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
-
-
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.clamp(0, 1) * 255.0 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
 
@@ -224,7 +220,7 @@ def model_functions(model: Any, device: torch.device, stage: int = 0) -> tuple[E
     """
 
     def enhance(working: np.ndarray) -> np.ndarray:
-        x = _to_tensor(working)[None].to(device)
+        x = image_tensor(working)[None].to(device)
         with torch.inference_mode():
             out = model(x).images[stage][0].clamp(0, 1).float().cpu()
         return _to_uint8(out)
@@ -251,10 +247,10 @@ def _image_scores(
     row: dict[str, Any], suffix: str, images: dict[str, np.ndarray], clean: np.ndarray, fov: np.ndarray
 ) -> None:
     """PSNR/SSIM of uint8 (H, W, 3) ``images`` against ``clean`` inside the bool ``fov``."""
-    target, mask = _to_tensor(clean), torch.from_numpy(fov.astype(np.float32))
+    target, mask = image_tensor(clean), torch.from_numpy(fov.astype(np.float32))
     for name, image in images.items():
-        row[f"{suffix}psnr_{name}"] = psnr(_to_tensor(image), target, mask)
-        row[f"{suffix}ssim_{name}"] = ssim(_to_tensor(image), target, mask)
+        row[f"{suffix}psnr_{name}"] = psnr(image_tensor(image), target, mask)
+        row[f"{suffix}ssim_{name}"] = ssim(image_tensor(image), target, mask)
 
 
 def _auc_scores(
@@ -268,7 +264,7 @@ def _auc_scores(
     """AUC of ``segment`` on each uint8 working image against ``reference`` → ``row[key_auc_name]``."""
     mask = torch.from_numpy(fov.astype(np.float32))
     for name, image in images.items():
-        row[f"{key}_auc_{name}"] = vessel_metrics(segment(_to_tensor(image)), reference, mask)["auc"]
+        row[f"{key}_auc_{name}"] = vessel_metrics(segment(image_tensor(image)), reference, mask)["auc"]
 
 
 def evaluate_working(
@@ -287,7 +283,7 @@ def evaluate_working(
     Returns (row, image panels degraded | CLAHE | model | clean for the report grid).
     """
     row: dict[str, Any] = {}
-    clean_t, fov_t = _to_tensor(clean), torch.from_numpy(fov.astype(np.float32))
+    clean_t, fov_t = image_tensor(clean), torch.from_numpy(fov.astype(np.float32))
     degraded_t, row["seed"] = degrade_fixed(clean_t, fov_t, seed, mode=mode)
     degraded = _to_uint8(degraded_t)
     variants = {
@@ -302,7 +298,7 @@ def evaluate_working(
     row["vessel_reference"] = "manual" if vessel is not None else "clean-image segmentation"
     named = {"clean": clean, "degraded": degraded, "clahe": variants["clahe"], "enhanced": variants["model"]}
     for name, image in named.items():
-        prob = clean_prob if name == "clean" else segment(_to_tensor(image))
+        prob = clean_prob if name == "clean" else segment(image_tensor(image))
         for key, value in vessel_metrics(prob, reference, fov_t).items():
             row[f"vessel_{key}_{name}"] = value
     if independent is not None and vessel is not None:
@@ -402,7 +398,7 @@ def evaluate(
             assert work.vessel is not None
             manual, fov = torch.from_numpy(work.vessel), torch.from_numpy(work.fov.astype(np.float32))
             for name, img in (("raw", work.image), ("enhanced", enhanced)):
-                for key, value in vessel_metrics(segment(_to_tensor(img)), manual, fov).items():
+                for key, value in vessel_metrics(segment(image_tensor(img)), manual, fov).items():
                     row[f"vessel_{key}_{name}"] = value
             row["grid"] = _save_grid(folder, index, [work.image, enhanced])
             real.append(row)

@@ -30,7 +30,8 @@ from model.artifact import load_artifact
 from model.device import select_device
 from model.quality import load_quality
 from model.trust import field_of_view, mean_in_fov, stage_disagreement, structure_fidelity
-from training.evaluate import EVAL_SEED, _to_tensor, _to_uint8, collect_images, degrade_fixed
+from training.evaluate import EVAL_SEED, _to_uint8, collect_images, degrade_fixed
+from training.metrics import image_tensor
 from training.prepare import make_working, read_mask, read_rgb
 
 log = logging.getLogger("training")
@@ -70,7 +71,7 @@ class _Signals:
 
     @torch.inference_mode()
     def __call__(self, working: np.ndarray, tta: bool) -> dict[str, Any]:
-        x = _to_tensor(working)[None].to(self.device)
+        x = image_tensor(working)[None].to(self.device)
         out = self.model(x)
         image = out.images[0].clamp(0, 1)
         fov = field_of_view(x)
@@ -121,7 +122,7 @@ def evaluate_trust(
             p = grader.probabilities(np.stack([work.image, enhanced["image"]]))
             real.append({"image": item.label, "p_before": float(p[0]), "p_after": float(p[1])})
             continue
-        clean_t, fov_t = _to_tensor(work.image), torch.from_numpy(work.fov.astype(np.float32))
+        clean_t, fov_t = image_tensor(work.image), torch.from_numpy(work.fov.astype(np.float32))
         for repeat in range(seeds):
             degraded_t, seed = degrade_fixed(clean_t, fov_t, EVAL_SEED + 100 * index + repeat)
             degraded = _to_uint8(degraded_t)

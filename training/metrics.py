@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 RGB → ``[3, H, W]`` float32 on [0, 1], the layout every metric here takes."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
 
 
 def _fov(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

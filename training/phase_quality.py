@@ -31,7 +31,7 @@ from model.degradation import degrade
 from model.quality import QUALITY_SIZE, QualityNet, fit_temperature, logits_to_probability, save_quality
 from training.config import TrainConfig
 from training.evaluate import EVAL_SEED, degrade_fixed
-from training.metrics import roc_auc
+from training.metrics import image_tensor, roc_auc
 from training.prepare import WorkingCache
 from training.sources import build_split, folder_set, load_test_keys
 
@@ -277,7 +277,7 @@ def _pair_ranking(
     worse = 0
     total = 0
     for index, example in enumerate(examples):
-        clean = torch.from_numpy(np.ascontiguousarray(example.image)).permute(2, 0, 1).float() / 255.0
+        clean = image_tensor(example.image)
         fov = torch.from_numpy(example.fov)
         for repeat in range(repeats):
             degraded, _ = degrade_fixed(clean, fov, EVAL_SEED + 100 * index + repeat)

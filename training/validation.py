@@ -35,7 +35,7 @@ from training.evaluate import (
     model_functions,
     native_copy,
 )
-from training.metrics import vessel_metrics
+from training.metrics import image_tensor, vessel_metrics
 from training.prepare import WorkingCache
 from training.segmenter import DEFAULT_SEGMENTER
 from training.sources import ImageRecord
@@ -217,7 +217,5 @@ class EnhanceValidator:
     def _real_vessels(self, record: ImageRecord, segment: object) -> dict[str, float]:
         sample = self.cache.load(record)
         assert sample.vessel is not None and callable(segment)
-        image = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1).float() / 255.0
-        return vessel_metrics(
-            segment(image), torch.from_numpy(sample.vessel), torch.from_numpy(sample.fov.astype(np.float32))
-        )
+        fov = torch.from_numpy(sample.fov.astype(np.float32))
+        return vessel_metrics(segment(image_tensor(sample.image)), torch.from_numpy(sample.vessel), fov)
