@@ -437,7 +437,6 @@ def evaluate(
         good = evaluate_good_photos(
             good_paths, enhance, size, lambda index, panels: _save_grid(folder, index, panels, "good")
         )
-    if good is not None:
         overall = good["summary"]["all"]
         summary["good_photos"] = overall["photos"]
         for key in ("psnr_working", "psnr_native"):

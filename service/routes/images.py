@@ -246,10 +246,13 @@ async def _model_request(
     store: bool | None = None,
     report: str = "file",
     fov: str = "auto",
-    only_if_needed: bool = False,
+    only_if_needed: bool | None = None,
     output: str = "image",
 ) -> Response:
+    """``only_if_needed`` None: the deployment's default for enhancements (FUNDUS_ENHANCE_ONLY_IF_NEEDED)."""
     state = get_state(request)
+    if only_if_needed is None:
+        only_if_needed = task is Task.ENHANCE and state.settings.enhance_only_if_needed
     if state.queue is None or state.info is None or not state.ready:
         raise BackendUnavailable("the model is not loaded yet", retry_after_s=1)
     _check_store(state, store, report)
@@ -457,9 +460,7 @@ async def enhance(
         store=store,
         report=report,
         fov=fov,
-        only_if_needed=get_state(request).settings.enhance_only_if_needed
-        if only_if_needed is None
-        else only_if_needed,
+        only_if_needed=only_if_needed,
         output=output,
     )
 
