@@ -11,7 +11,8 @@ with the API process's heap and thread settings: freed memory kept for reuse, Op
 as one request-pool thread gets them.
 
 ``before_after`` times, in the same run, each change made to cut this work against what it replaced:
-PNG decode through libpng vs Pillow, PNG encode through libpng's fast settings vs Pillow, the working
+PNG decode through libpng vs Pillow, PNG encode of the RGB answer through fpng vs libpng's fast settings
+(which had replaced Pillow; ``answer_png_bytes_libpng`` is the size it wrote), the working
 crop's planes → pixels (``cv2.merge`` vs a transposed copy), and the circle fit's inlier count
 (squared distances vs square roots, on the rim points of the photograph). ``grade_quality`` is the
 quality grader, which runs in the model process's pass (input and output: twice per ``/enhance``),
@@ -50,7 +51,7 @@ from model.quality import BUNDLED_QUALITY, load_quality  # noqa: E402
 from model.restore import WorkingView  # noqa: E402
 from service.app import share_cores_with_pool  # noqa: E402
 from service.codecs import EncodeContext, default_registry  # noqa: E402
-from service.codecs.raster import PillowCodec  # noqa: E402
+from service.codecs.raster import _PNG_PARAMS, PillowCodec  # noqa: E402
 from service.imaging import Prepared, decode_upload, planes_to_pixels, restore_enhanced  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.upload import Upload  # noqa: E402
@@ -103,11 +104,11 @@ def fundus_hrf() -> np.ndarray | None:
     return cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (1536, 1024), interpolation=cv2.INTER_AREA)
 
 
-def pillow_png(pixels: np.ndarray) -> bytes:
-    """PNG through Pillow at zlib level 1 (the encoder the service used before libpng's fast settings)."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+def libpng_png(pixels: np.ndarray) -> bytes:
+    """RGB PNG through libpng's fast settings (the encoder the service used before fpng)."""
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), _PNG_PARAMS)
+    assert ok
+    return encoded.tobytes()
 
 
 def circle_trials(pixels: np.ndarray, trials: int = 160) -> tuple[np.ndarray, ...]:
@@ -192,8 +193,8 @@ def bench_image(pixels: np.ndarray, working_size: int, repeats: int) -> dict[str
             lambda: png_codec.decode(data, max_pixels=10**8),
             repeats,
         ),
-        "encode_png_libpng_vs_pillow": before_after(
-            lambda: pillow_png(restored),
+        "encode_png_fpng_vs_libpng": before_after(
+            lambda: libpng_png(restored),
             lambda: png_codec.encode(restored, original=decoded, context=CONTEXT),
             repeats,
         ),
@@ -217,6 +218,7 @@ def bench_image(pixels: np.ndarray, working_size: int, repeats: int) -> dict[str
         "crop_side": crop.side,
         "upload_bytes": len(data),
         "answer_png_bytes": len(codec.encode(restored, original=decoded, context=CONTEXT)),
+        "answer_png_bytes_libpng": len(libpng_png(restored)),
         "steps_ms": {name: wall for name, (wall, _) in timings.items()},
         "steps_cpu_ms": {name: cpu for name, (_, cpu) in timings.items()},
         "overhead_ms": round(sum(timings[name][0] for name in request), 2),

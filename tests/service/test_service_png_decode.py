@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from service.codecs import UndecodableImage
+from service.codecs import EncodeContext, UndecodableImage
 from service.codecs.base import Codec
 from service.codecs.raster import PillowCodec, PngCodec, plain_png
 from tests.service.conftest import fundus_array
@@ -81,3 +81,19 @@ def test_truncated_and_corrupt_files_are_still_refused() -> None:
     corrupt = data[: idat + 20] + bytes(b ^ 0xFF for b in data[idat + 20 : idat + 60]) + data[idat + 60 :]
     with pytest.raises(UndecodableImage):
         codec.decode(corrupt, max_pixels=10**8)
+
+
+@pytest.mark.parametrize(
+    "pixels",
+    [RGB, RGB[::2, 5:], fundus_array(1, 1, seed=4), fundus_array(513, 511, seed=5)],
+    ids=["rgb", "strided-view", "one-pixel", "odd-size"],
+)
+def test_rgb_answers_are_exact_and_read_back_on_the_fast_path(pixels: np.ndarray) -> None:
+    """The RGB writer's files hold exactly the pixels for any decoder, and our own answers posted
+    back (a /degrade result sent to /enhance) decode on the libpng fast path."""
+    codec = PngCodec()
+    data = codec.encode(pixels, original=None, context=EncodeContext(task="enhance", model_version="t"))
+    with Image.open(io.BytesIO(data)) as image:
+        np.testing.assert_array_equal(np.asarray(image.convert("RGB")), pixels)
+    assert plain_png(data) == (pixels.shape[1], pixels.shape[0], True)
+    np.testing.assert_array_equal(codec.decode(data, max_pixels=10**8).pixels, pixels)
