@@ -158,13 +158,12 @@ def _corner_patches(image: np.ndarray) -> list[np.ndarray]:
 
 def _background(image: np.ndarray) -> tuple[np.ndarray, float]:
     """Background colour and noise from the corners (robust to one corner holding text or fundus)."""
-    corners = _corner_patches(image)
-    colour = np.median(np.stack([np.median(c.reshape(-1, 3), axis=0) for c in corners]), axis=0)
-    spreads = [
-        float(np.percentile(np.abs(c.reshape(-1, 3).astype(np.float32) - colour).max(axis=1), 90))
-        for c in corners
-    ]
-    return colour, float(np.median(spreads))
+    # The four patches have one shape: one median and one percentile call for all of them (the
+    # same numbers as patch by patch, with a fraction of the small calls under the GIL).
+    corners = np.stack([patch.reshape(-1, 3) for patch in _corner_patches(image)])  # [4, N, 3]
+    colour = np.median(np.median(corners, axis=1), axis=0)
+    spread = np.abs(corners.astype(np.float32) - colour).max(axis=2)  # [4, N]
+    return colour, float(np.median(np.percentile(spread, 90, axis=1)))
 
 
 def _has_background(image: np.ndarray) -> bool:
@@ -184,6 +183,29 @@ def _difference(smooth: np.ndarray, colour: np.ndarray) -> np.ndarray:
     reference = tuple(float(v) for v in np.clip(np.round(colour), 0, 255).astype(np.uint8))
     red, green, blue = cv2.split(cv2.absdiff(smooth, (*reference, 0.0)))
     return cv2.max(cv2.max(red, green), blue)
+
+
+def _percentile_u8(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` (linear method) of a uint8 array, read off its histogram.
+
+    The same number as numpy's, in the same float64 arithmetic, without sorting a copy (a tenth of
+    the time on the analysis grid).
+    """
+    counts = cv2.calcHist([np.ascontiguousarray(values)], [0], None, [256], [0, 256]).ravel()
+    cumulative = np.cumsum(counts)
+    n = values.size
+    quantile = q / 100
+    virtual = (n - 1) * quantile  # numpy's "virtual index" of the linear method
+
+    def ranked(index: int) -> int:  # the index-th smallest value (0-based)
+        return int(np.searchsorted(cumulative, index, side="right"))
+
+    if virtual >= n - 1:
+        return float(ranked(n - 1))
+    below = math.floor(virtual)
+    a, b = ranked(below), ranked(below + 1)
+    t = virtual - below
+    return float(b - (b - a) * (1 - t)) if t >= 0.5 else float(a + (b - a) * t)
 
 
 def _largest_region(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -628,7 +650,7 @@ def estimate_fov(image: np.ndarray, mode: Literal["auto", "full"] = "auto") -> F
     smooth = cv2.medianBlur(small, 3)
     colour, noise = _background(smooth)
     difference = _difference(smooth, colour)
-    level = float(np.percentile(difference, 90))
+    level = _percentile_u8(difference, 90)
     threshold = max(noise + 4.0, 0.08 * level, 4.0)
     component, region = _largest_region(cv2.compare(difference, threshold, cv2.CMP_GT))
     region_share = np.count_nonzero(region) / (sh * sw)

@@ -20,7 +20,7 @@ from model.fov import (
     to_working,
     working_fov_mask,
 )
-from model.fov_detect import detect_fov
+from model.fov_detect import _percentile_u8, detect_fov
 
 
 def _read(path: Path) -> np.ndarray:
@@ -234,3 +234,13 @@ def test_from_working_rejects_mismatched_inputs() -> None:
         from_working(np.zeros((32, 32, 3), np.uint8), crop, original)
     with pytest.raises(ValueError, match="original"):
         from_working(np.zeros((64, 64, 3), np.uint8), crop, original[:100])
+
+
+def test_histogram_percentile_is_numpys_number() -> None:
+    """The detector's threshold level reads the percentile off a histogram: exactly numpy's value."""
+    rng = np.random.default_rng(7)
+    for size in (1, 2, 3, 10, 997, 384 * 288):
+        for top in (1, 17, 255):
+            values = rng.integers(0, top + 1, size, dtype=np.uint8)
+            for q in (0, 10, 33.3, 50, 90, 99.5, 100):
+                assert _percentile_u8(values, q) == float(np.percentile(values, q)), (size, top, q)
