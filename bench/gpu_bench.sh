@@ -11,7 +11,7 @@
 # carried in .whl/, see below): fastapi starlette pydantic pydantic-core pydantic-settings
 # typing-inspection annotated-types typing-extensions python-dotenv uvicorn h11 click anyio sniffio
 # idna httpx httpcore certifi python-multipart prometheus-client redis pydicom pillow
-# opencv-python-headless numpy safetensors pyyaml.
+# opencv-python-headless fpng lazy-loader numpy safetensors pyyaml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +23,7 @@ MAX_BATCH=${MAX_BATCH:-32}
 OUT_DIR=${OUT:-${TMPDIR:-/tmp}}/gpu-bench
 mkdir -p "$OUT_DIR"
 
-if [ -d .whl ] && ! python3 -c "import fastapi, pydicom, redis" 2>/dev/null; then
+if [ -d .whl ] && ! python3 -c "import fastapi, fpng, pydicom, redis" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
