@@ -297,7 +297,10 @@ def _ransac_circle(
     r = np.hypot(ax - cx, ay - cy)
     tolerance = _tolerance(r)
     valid &= r <= max_radius
-    counts = np.where(valid, _count_on_circles(points, cx, cy, r, tolerance), -1)
+    # Counted in float32: half the memory traffic of the fit's costliest step; analysis coordinates
+    # (< 1,000 pixels) keep about four decimals, far below the 1-pixel tolerance.
+    single = [np.asarray(v, dtype=np.float32) for v in (points, cx, cy, r, tolerance)]
+    counts = np.where(valid, _count_on_circles(*single), -1)
     best = int(np.argmax(counts))
     fx, fy, fr = float(cx[best]), float(cy[best]), float(r[best])
     inliers = np.abs(np.hypot(points[:, 0] - fx, points[:, 1] - fy) - fr) <= tolerance[best]
