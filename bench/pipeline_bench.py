@@ -14,7 +14,8 @@ as one request-pool thread gets them.
 PNG decode through libpng vs Pillow, PNG encode of the RGB answer through fpng vs libpng's fast settings
 (which had replaced Pillow; ``answer_png_bytes_libpng`` is the size it wrote), the working
 crop's planes → pixels (``cv2.merge`` vs a transposed copy), and the circle fit's inlier count
-(squared distances vs square roots, on the rim points of the photograph). ``grade_quality`` is the
+(squared distances in float32, as the fit counts them, conversion included, vs square roots in
+float64, on the rim points of the photograph). ``grade_quality`` is the
 quality grader, which runs in the model process's pass (input and output: twice per ``/enhance``),
 reported beside the image steps; ``request_cpu_ms`` adds it (all CPU per request where one machine
 runs both); ``overhead_cpu_ms_with_replaced_ways`` is the overhead as it would
@@ -204,7 +205,9 @@ def bench_image(pixels: np.ndarray, working_size: int, repeats: int) -> dict[str
             repeats,
         ),
         "fov_circle_inliers_squared_vs_roots": before_after(
-            lambda: count_with_roots(*trials), lambda: _count_on_circles(*trials), repeats
+            lambda: count_with_roots(*trials),
+            lambda: _count_on_circles(*[np.asarray(v, dtype=np.float32) for v in trials]),
+            repeats,
         ),
     }
     # Twice per fit: the circle fit runs RANSAC on the outline and again on the refined rim.
