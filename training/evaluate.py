@@ -40,7 +40,7 @@ from model.fov import FovNotFound, fov_mask, to_working
 from model.fov_detect import detect_fov
 from model.restore import enhanced_to_input, working_view
 from training.do_no_harm import evaluate_good_photos, good_photo_paths
-from training.metrics import image_tensor, psnr, ssim, vessel_metrics
+from training.metrics import image_tensor, psnr, ssim, uint8_image, vessel_metrics
 from training.prepare import make_working, read_mask, read_rgb
 from training.report import write_html
 from training.segmenter import load_segmenter
@@ -133,10 +133,6 @@ def clahe_baseline(image: np.ndarray, fov: np.ndarray, clip: float = 2.0, tiles:
     return (out * fov[..., None]).astype(np.uint8)
 
 
-def _to_uint8(image: torch.Tensor) -> np.ndarray:
-    return (image.clamp(0, 1) * 255.0 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
-
-
 def _mean(rows: list[dict[str, Any]], key: str) -> float:
     values = [r[key] for r in rows if key in r and r[key] is not None and not math.isnan(r[key])]
     return float(np.mean(values)) if values else float("nan")
@@ -204,7 +200,7 @@ def degrade_native(image: np.ndarray, seed: int, mode: str = "cofe", max_psnr: f
     except FovNotFound:
         fov = torch.ones(1, *image.shape[:2])
     degraded, _ = degrade_fixed(tensor, fov, seed, mode=mode, max_psnr=max_psnr)
-    return _to_uint8(degraded)
+    return uint8_image(degraded)
 
 
 def restore_native(enhance: EnhanceFn, pixels: np.ndarray, working_size: int) -> np.ndarray:
@@ -223,7 +219,7 @@ def model_functions(model: Any, device: torch.device, stage: int = 0) -> tuple[E
         x = image_tensor(working)[None].to(device)
         with torch.inference_mode():
             out = model(x).images[stage][0].clamp(0, 1).float().cpu()
-        return _to_uint8(out)
+        return uint8_image(out)
 
     def segment(x: torch.Tensor) -> torch.Tensor:
         return model.vessels.predict(x[None].to(device))[0, 0].float().cpu()
@@ -285,7 +281,7 @@ def evaluate_working(
     row: dict[str, Any] = {}
     clean_t, fov_t = image_tensor(clean), torch.from_numpy(fov.astype(np.float32))
     degraded_t, row["seed"] = degrade_fixed(clean_t, fov_t, seed, mode=mode)
-    degraded = _to_uint8(degraded_t)
+    degraded = uint8_image(degraded_t)
     variants = {
         "degraded": degraded,
         "clahe": clahe_baseline(degraded, fov),

@@ -30,8 +30,8 @@ from model.artifact import load_artifact
 from model.device import select_device
 from model.quality import load_quality
 from model.trust import field_of_view, mean_in_fov, stage_disagreement, structure_fidelity
-from training.evaluate import EVAL_SEED, _to_uint8, collect_images, degrade_fixed
-from training.metrics import image_tensor
+from training.evaluate import EVAL_SEED, collect_images, degrade_fixed
+from training.metrics import image_tensor, uint8_image
 from training.prepare import make_working, read_mask, read_rgb
 
 log = logging.getLogger("training")
@@ -76,7 +76,7 @@ class _Signals:
         image = out.images[0].clamp(0, 1)
         fov = field_of_view(x)
         result: dict[str, Any] = {
-            "image": _to_uint8(image[0].float().cpu()),
+            "image": uint8_image(image[0].float()),
             "stage_uncertainty": mean_in_fov(stage_disagreement(out.images[0], out.images[1]), fov)[0],
         }
         vessels_in = torch.softmax(out.vessel_logits[-1].float(), dim=1)[:, 1]
@@ -125,7 +125,7 @@ def evaluate_trust(
         clean_t, fov_t = image_tensor(work.image), torch.from_numpy(work.fov.astype(np.float32))
         for repeat in range(seeds):
             degraded_t, seed = degrade_fixed(clean_t, fov_t, EVAL_SEED + 100 * index + repeat)
-            degraded = _to_uint8(degraded_t)
+            degraded = uint8_image(degraded_t)
             result = signals(degraded, tta=True)
             p = grader.probabilities(np.stack([work.image, degraded, result["image"]]))
             rows.append(

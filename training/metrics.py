@@ -20,6 +20,12 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
 
 
+def uint8_image(image: torch.Tensor) -> np.ndarray:
+    """``[3, H, W]`` float on [0, 1] (any device) → ``[H, W, 3]`` uint8, rounded: the inverse of
+    :func:`image_tensor`."""
+    return (image.clamp(0, 1) * 255.0 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
+
+
 def _fov(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """Boolean [H, W] FOV mask (all True when ``mask`` is None)."""
     if mask is None:

@@ -31,7 +31,7 @@ from model.degradation import degrade
 from model.quality import QUALITY_SIZE, QualityNet, fit_temperature, logits_to_probability, save_quality
 from training.config import TrainConfig
 from training.evaluate import EVAL_SEED, degrade_fixed
-from training.metrics import image_tensor, roc_auc
+from training.metrics import image_tensor, roc_auc, uint8_image
 from training.prepare import WorkingCache
 from training.sources import build_split, folder_set, load_test_keys
 
@@ -283,7 +283,7 @@ def _pair_ranking(
             degraded, _ = degrade_fixed(clean, fov, EVAL_SEED + 100 * index + repeat)
             pair = [
                 _small(example.image),
-                _small((degraded.clamp(0, 1) * 255 + 0.5).byte().permute(1, 2, 0).numpy()),
+                _small(uint8_image(degraded)),
             ]
             p = logits_to_probability(_logits(net, pair), temperature).numpy()
             worse += int(p[1] < p[0])
