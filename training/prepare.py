@@ -10,6 +10,7 @@ workers) can share one cache.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +88,8 @@ def make_working(
 
 def _write_png(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    # Unique per process and thread: the cache is filled by several of each.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp.png")
     if not cv2.imwrite(str(tmp), array):
         raise OSError(f"cannot write {path}")
     os.replace(tmp, path)

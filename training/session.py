@@ -8,9 +8,11 @@ phase's product (``rsp.safetensors``, ``teacher.safetensors``).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,11 +127,22 @@ def make_batches(
     )
 
 
+#: Threads that fill the working-size cache (decode, FOV, resize and PNG writes release the GIL).
+CACHE_THREADS = 8
+
+
 def prepare_cache(records: list[Any], cache: Any, session: Session) -> None:
-    """Fill the working-size cache on rank 0 before the other ranks read it."""
+    """Fill the working-size cache on rank 0 before the other ranks read it.
+
+    Photographs are prepared on a few threads: about 65 ms each on one core, which for the ~670
+    photographs of the GPU recipe would otherwise be a noticeable part of a minutes-long run.
+    """
     if session.env.is_main:
-        for record in records:
-            cache.ensure(record)
+        unique = list({record.key: record for record in records}.values())
+        workers = max(1, min(CACHE_THREADS, os.cpu_count() or 1, len(unique)))
+        with ThreadPoolExecutor(workers) as pool:
+            for _ in pool.map(cache.ensure, unique):
+                pass  # re-raises the first failure
     barrier(session.env)
 
 

@@ -11,6 +11,8 @@ import torch
 from tests.training.helpers import tiny_config
 from training.datasets import StepBatchSampler, WorkingDataset, crop_batch
 from training.prepare import WorkingCache
+from training.runtime import DistEnv
+from training.session import Session, prepare_cache
 from training.sources import build_split, load_test_keys
 
 
@@ -75,3 +77,27 @@ def test_joint_flips_and_crops_keep_image_and_masks_aligned(tmp_path: Path, data
     original = torch.from_numpy(sample.image).permute(2, 0, 1)
     same = {torch.equal(whole[(0, seed)]["image"], original) for seed in range(32)}
     assert same == {True, False}  # some seeds flip, some do not
+
+
+def test_threaded_cache_fill_equals_one_by_one(tmp_path: Path, data_root: Path) -> None:
+    config = tiny_config(tmp_path, data_root)
+    records = build_split(config.data).records
+    serial = WorkingCache(tmp_path / "serial", 48)
+    for record in records:
+        serial.ensure(record)
+    session = Session(
+        config, DistEnv(), torch.device("cpu"), tmp_path / "run", build_split(config.data), None
+    )
+    threaded = WorkingCache(tmp_path / "threaded", 48)
+    prepare_cache(records + records[::-1], threaded, session)  # duplicates: one thread per photograph
+
+    files = sorted(p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").rglob("*.png"))
+    assert len(files) >= 2 * len(records)
+    assert (
+        sorted(
+            p.relative_to(tmp_path / "threaded") for p in (tmp_path / "threaded").rglob("*") if p.is_file()
+        )
+        == files
+    )  # no temporary file left behind
+    for name in files:
+        assert (tmp_path / "threaded" / name).read_bytes() == (tmp_path / "serial" / name).read_bytes()
