@@ -219,6 +219,12 @@ def register_eval(subparsers: argparse._SubParsersAction) -> None:
         help="good photographs (files or folders) of the cameras in use: report how much the model "
         "changes them (PSNR against themselves, worst and median)",
     )
+    parser.add_argument(
+        "--other-degradations",
+        action="store_true",
+        help="also score faults outside the training family (defocus, motion, JPEG, noise, "
+        "underexposure, cataract veil) at the working size",
+    )
     parser.set_defaults(func=run_eval)
 
 
@@ -241,6 +247,7 @@ def run_eval(args: argparse.Namespace) -> int:
             native_max_side=args.native_max_side,
             segmenter=args.segmenter or DEFAULT_SEGMENTER,
             good_photos=args.good_photos,
+            other_degradations=args.other_degradations,
         )
     except (ArtifactError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)  # noqa: T201

@@ -41,6 +41,7 @@ from model.fov_detect import detect_fov
 from model.restore import enhanced_to_input, working_view
 from training.do_no_harm import evaluate_good_photos, good_photo_paths
 from training.metrics import image_tensor, psnr, ssim, uint8_image, vessel_metrics
+from training.other_degradations import score_image, summarise_kinds
 from training.prepare import make_working, read_mask, read_rgb
 from training.report import write_html
 from training.segmenter import load_segmenter
@@ -357,11 +358,14 @@ def evaluate(
     native_max_side: int = 0,
     segmenter: str | Path | None = None,
     good_photos: Sequence[str | Path] = (),
+    other_degradations: bool = False,
 ) -> dict[str, Any]:
     """Run the evaluation and write ``report.json``, ``report.html`` and ``images/``.
 
     ``good_photos``: files or folders of good photographs of the cameras in use; the report's
     ``good_photos`` section says how much the model changes them (:mod:`training.do_no_harm`).
+    ``other_degradations``: also score the synthetic photographs under faults outside the training
+    family at the working size (:mod:`training.other_degradations`; report section of that name).
     """
     if size <= 0 or size % 8:
         raise ValueError("--size must be a positive multiple of 8")
@@ -380,6 +384,7 @@ def evaluate(
 
     synthetic: list[dict[str, Any]] = []
     real: list[dict[str, Any]] = []
+    other: list[dict[str, Any]] = []
     for index, item in enumerate(items):
         record = item.record
         work = make_working(
@@ -400,6 +405,8 @@ def evaluate(
             real.append(row)
             continue
         seed = EVAL_SEED + index
+        if other_degradations:
+            other.append({"image": item.label, **score_image(work.image, work.fov, seed, enhance)})
         if resolution in ("512", "both"):
             scores, panels = evaluate_working(
                 work.image,
@@ -438,6 +445,13 @@ def evaluate(
         for key in ("psnr_working", "psnr_native"):
             summary[f"good_{key}_worst"] = overall[f"{key}_worst"]
             summary[f"good_{key}_median"] = overall[f"{key}_median"]
+    other_report = None
+    if other_degradations:
+        kinds = summarise_kinds([{k: v for k, v in row.items() if k != "image"} for row in other])
+        other_report = {"kinds": kinds, "images": other}
+        for kind, scores in kinds.items():
+            summary[f"other_{kind}_psnr_gain"] = scores["psnr_gain_mean"]
+            summary[f"other_{kind}_harmed"] = scores["harmed"]
     report = {
         "weights": str(weights),
         "version": artifact.version,
@@ -455,6 +469,7 @@ def evaluate(
         "synthetic": synthetic,
         "real": real,
         "good_photos": good,
+        "other_degradations": other_report,
     }
     (folder / "report.json").write_text(json.dumps(_finite(report), indent=1))
     write_html(folder / "report.html", report)

@@ -75,7 +75,27 @@ def tables(report: dict[str, Any]) -> str:
         f"| real CHASE_DB1 vessel AUC raw → enhanced | {_cell(s, 'real_vessel_auc_raw', None)} | | "
         f"{_cell(s, 'real_vessel_auc_enhanced', None)} | |"
     )
+    lines += _other_degradations(report.get("other_degradations"))
     return "\n".join(lines) + "\n"
+
+
+def _other_degradations(section: dict[str, Any] | None) -> list[str]:
+    """Markdown rows for the faults outside the training family (empty when not evaluated)."""
+    if not section:
+        return []
+    lines = [
+        "",
+        "| fault outside the training family (512²) | PSNR degraded → model (dB) | gain mean / worst (dB) "
+        "| SSIM degraded → model | photographs made worse |",
+        "|---|---|---|---|---|",
+    ]
+    for kind, k in section["kinds"].items():
+        lines.append(
+            f"| {kind} | {k['psnr_degraded']:.2f} → {k['psnr_model']:.2f} | {k['psnr_gain_mean']:+.2f} / "
+            f"{k['psnr_gain_worst']:+.2f} | {k['ssim_degraded']:.3f} → {k['ssim_model']:.3f} "
+            f"| {k['harmed']} of {k['photos']} |"
+        )
+    return lines
 
 
 def write_tables(report: dict[str, Any], path: str | Path) -> Path:

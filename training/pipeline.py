@@ -1,10 +1,11 @@
 """``fundus train all``: the whole recipe from one config, resumable, inside one time budget.
 
 Phases in order: vessel branch (``rsp``) → pseudo-masks → independent evaluation segmenter →
-mean-teacher enhancement → ``fundus eval`` at both resolutions → the model-card tables. Each phase
-whose product already exists is skipped, and one that stopped early is resumed from its checkpoint,
-so the same command continues an interrupted run. ``max_minutes`` is shared by all phases: each
-training phase gets what is left, and the run stops cleanly (with checkpoints) when it is spent.
+mean-teacher enhancement → ``fundus eval`` at both resolutions (with the faults outside the training
+family) → the model-card tables. Each phase whose product already exists is skipped, and one that
+stopped early is resumed from its checkpoint, so the same command continues an interrupted run.
+``max_minutes`` is shared by all phases: each training phase gets what is left, and the run stops
+cleanly (with checkpoints) when it is spent.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def run_all(
             segmenter=config.phase_dir("segmenter") / "segmenter.safetensors",
             # Do no harm across every camera trained on: the run's held-out good photographs.
             good_photos=[r.image for r in build_split(config.data).held_out_clean(config.data)],
+            other_degradations=True,
         )
         summary["eval"] = {"report": str(out / "report.json"), "summary": report["summary"]}
         summary["model_card_tables"] = str(write_tables(report, out / "model-card-tables.md"))

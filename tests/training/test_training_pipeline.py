@@ -49,6 +49,11 @@ def test_all_phases_then_eval_and_tables(
     roles = (run / "enhance" / "roles.csv").read_text().splitlines()
     assert good and all(any(f",{stem},val," in row for row in roles) for stem in good)
     assert "worst good photograph" in tables
+    # Faults outside the training family are scored on the synthetic photographs and tabled.
+    other = report["other_degradations"]
+    assert len(other["images"]) == report["summary"]["synthetic_images"] == 1
+    assert set(other["kinds"]) == {"defocus", "motion", "jpeg", "noise", "underexposure", "veil"}
+    assert "| defocus |" in tables and "photographs made worse" in tables
     assert json.loads((run / "pipeline.json").read_text())["finished"]
     # A second call finds every product and only re-evaluates.
     assert main(args) == 0
