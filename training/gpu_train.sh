@@ -12,8 +12,10 @@
 #   DATA=.pack DEVICE=cpu CONFIG=training/configs/smoke.yaml MINUTES=3 bash training/gpu_train.sh  # dry run
 #
 # Environment: CONFIG (training/configs/gpu.yaml), DATA (the config's data.root), MINUTES (9: time
-# budget of all phases), DEVICE (the config's run.device), OUT (where the archive and the log go;
+# budget of all phases), DEVICE (the config's run.device), OUT (where the archives and the log go;
 # default runs/). Extra arguments are passed to `train all` (e.g. --set enhance.steps=2000).
+# Output: <run>-run.tar.gz (weights, curves, configs, roles, evaluation report and tables),
+# <run>-eval-images.tar (the evaluation's side-by-side grids as JPEGs) and <run>-train.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,8 +60,26 @@ status=0
 python3 -m training.cli train all --config "$CONFIG" "${overrides[@]}" --max-minutes "$MINUTES" "$@" \
     2>&1 | tee "$DEST/$name-train.log" || status=$?
 
-# Everything but checkpoints and the pseudo-mask images (their summary stays).
+# Everything but checkpoints, the pseudo-mask images (their summary stays) and the evaluation's
+# image grids, which follow as JPEGs in a second archive (as PNGs they are ~1 MB each).
 tar czf "$DEST/$name-run.tar.gz" -C "$(dirname "$run_dir")" \
-    --exclude='checkpoint.pt' --exclude="$name/pseudo-masks/*/*" "$name"
-ls -l "$DEST/$name-run.tar.gz"
+    --exclude='checkpoint.pt' --exclude="$name/pseudo-masks/*/*" --exclude="$name/eval/images" "$name"
+python3 - "$run_dir/eval/images" "$DEST/$name-eval-images.tar" <<'EOF'
+import io
+import sys
+import tarfile
+from pathlib import Path
+
+import cv2
+
+with tarfile.open(sys.argv[2], "w") as archive:
+    for grid in sorted(Path(sys.argv[1]).glob("*.png")):
+        image = cv2.imread(str(grid), cv2.IMREAD_COLOR)
+        ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
+        if ok:
+            entry = tarfile.TarInfo(f"eval-images/{grid.stem}.jpg")
+            entry.size = len(data)
+            archive.addfile(entry, io.BytesIO(data.tobytes()))
+EOF
+ls -l "$DEST/$name-run.tar.gz" "$DEST/$name-eval-images.tar"
 exit "$status"
