@@ -73,10 +73,10 @@ def _copy_records(records: Sequence[ImageRecord], root: Path, out: Path) -> list
         for source in (record.image, record.vessel, record.fov):
             if source is None:
                 continue
-            target = out / Path(source).resolve().relative_to(root.resolve())
+            target = out / Path(source).relative_to(root)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
-        images.append(out / Path(record.image).resolve().relative_to(root.resolve()))
+        images.append(out / Path(record.image).relative_to(root))
     return images
 
 
