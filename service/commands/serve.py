@@ -29,6 +29,12 @@ if TYPE_CHECKING:
     from service.queue.supervisor import ModelProcessSupervisor
     from service.settings import Settings
 
+#: Seconds an API process may leave uvicorn's liveness ping unanswered before it is killed and
+#: replaced. Its answering thread needs the GIL, which importing torch and loading the quality grader
+#: hold for seconds at a time on a slow or CPU-throttled host; at uvicorn's default of 5 s such
+#: processes were killed during start-up and replaced, over and over.
+API_PROCESS_HEALTHCHECK_S = 30
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="run the HTTP API (FastAPI + uvicorn)")
@@ -85,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
+            timeout_worker_healthcheck=API_PROCESS_HEALTHCHECK_S,
             proxy_headers=True,
             server_header=False,
         )

@@ -37,6 +37,7 @@ class ServeProcess:
 
     def __init__(self, workdir: Path, weights: Path, workers: int = 2, **env: str) -> None:
         self.workdir = workdir
+        self.workers = workers
         self.markers = workdir / "markers"
         self.markers.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "serve.log"
@@ -92,9 +93,18 @@ class ServeProcess:
         except httpx.HTTPError:
             return False
 
+    def api_processes_ready(self) -> int:
+        """How many API processes have logged that they are ready (``/readyz`` reaches only one)."""
+        return self.log().count('"msg": "ready"')
+
     def wait_ready(self, timeout: float = 90.0) -> None:
+        """Until ``/readyz`` answers ready and every API process has finished its start-up."""
         try:
-            wait_for(self.ready, timeout, "the server to report ready")
+            wait_for(
+                lambda: self.ready() and self.api_processes_ready() >= self.workers,
+                timeout,
+                f"the server and its {self.workers} API processes to report ready",
+            )
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.log()[-4000:]}") from None
 

@@ -207,3 +207,21 @@ def test_every_scrape_counts_the_requests_of_all_api_processes(tmp_path: Path, t
         assert values["fundus_queue_depth"] == 0
         assert text.count("# TYPE fundus_queue_depth gauge") == 1
     assert not list(tmp_path.glob("fundus-metrics-*")), "the metrics folder outlived the server"
+
+
+def test_api_processes_that_start_slowly_are_not_killed(tmp_path: Path, tiny_artifact: Path) -> None:
+    """On a loaded host, an API process's start-up (importing torch) can keep its liveness-ping thread
+    off the GIL for several seconds; uvicorn's default 5 s ping timeout then killed and replaced such
+    processes during start-up, over and over. Here each one holds the GIL for 7 s before building
+    the app."""
+    server = ServeProcess(tmp_path, tiny_artifact, FUNDUS_TEST_BUSY_START_S="7")
+    server.start()
+    try:
+        server.wait_ready(timeout=90)
+        response = httpx.post(f"{server.url}/enhance", content=IMAGES[0], headers=PNG, timeout=60)
+        assert response.status_code == 200
+        log = server.log()
+        assert "died" not in log, log[-3000:]
+        assert log.count('"msg": "Started server process') == server.workers
+    finally:
+        server.stop()
