@@ -30,6 +30,7 @@ log = logging.getLogger("training")
 #: A good photograph through the model must stay at least this close to itself (dB).
 LEFT_ALONE_DB = 30.0
 
+#: Enhance a (S, S, 3) uint8 working image → (S, S, 3) uint8, as the service's model worker does.
 EnhanceFn = Callable[[np.ndarray], np.ndarray]
 
 

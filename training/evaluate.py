@@ -39,7 +39,7 @@ from model.device import select_device
 from model.fov import FovNotFound, fov_mask, to_working
 from model.fov_detect import detect_fov
 from model.restore import enhanced_to_input, working_view
-from training.do_no_harm import evaluate_good_photos, good_photo_paths
+from training.do_no_harm import EnhanceFn, evaluate_good_photos, good_photo_paths
 from training.metrics import image_tensor, psnr, ssim, uint8_image, vessel_metrics
 from training.other_degradations import score_image, summarise_kinds
 from training.prepare import make_working, read_mask, read_rgb
@@ -146,8 +146,6 @@ def _gap(clean: float, degraded: float, enhanced: float) -> float:
 
 
 Resolution = Literal["512", "native", "both"]
-#: Enhance a (S, S, 3) uint8 working image → (S, S, 3) uint8, as the service's model worker does.
-EnhanceFn = Callable[[np.ndarray], np.ndarray]
 #: Vessel probability (S, S) float of a (3, S, S) float image on [0, 1].
 SegmentFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -447,7 +445,7 @@ def evaluate(
             summary[f"good_{key}_median"] = overall[f"{key}_median"]
     other_report = None
     if other_degradations:
-        kinds = summarise_kinds([{k: v for k, v in row.items() if k != "image"} for row in other])
+        kinds = summarise_kinds(other)
         other_report = {"kinds": kinds, "images": other}
         for kind, scores in kinds.items():
             summary[f"other_{kind}_psnr_gain"] = scores["psnr_gain_mean"]

@@ -16,19 +16,19 @@ Sizes are given for a 512² working image and scaled with the working size.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
+from training.do_no_harm import EnhanceFn
 from training.metrics import image_tensor, psnr, ssim
 
 #: A gain below this (dB) counts as making the photograph worse.
 HARM_DB = -0.5
 
-EnhanceFn = Callable[[np.ndarray], np.ndarray]
 #: (image (S, S, 3) uint8 RGB, seed) → degraded image, same shape and dtype.
 Degradation = Callable[[np.ndarray, int], np.ndarray]
 
@@ -110,8 +110,9 @@ def score_image(
     return scores
 
 
-def summarise_kinds(rows: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
-    """Per kind over photographs: mean PSNR/SSIM in and out, mean and worst gain, photographs harmed."""
+def summarise_kinds(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per kind over photographs (rows of :func:`score_image`, other keys ignored): mean PSNR/SSIM in
+    and out, mean and worst gain, photographs harmed."""
     summary: dict[str, dict[str, Any]] = {}
     for kind in DEGRADATIONS:
         scores = [row[kind] for row in rows if kind in row]

@@ -25,7 +25,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import shutil
 import sys
 from collections.abc import Sequence
@@ -34,23 +33,18 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import numpy as np
 
 from training.config import DataConfig, load_config
-from training.sources import ImageRecord, build_split
+from training.metrics import image_tensor, psnr
+from training.sources import ImageRecord, Split, build_split
 
 #: Description file written at the top of every pack.
 PACK_FILE = "PACK.json"
 _JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
-def _roles(config: DataConfig) -> list[tuple[str, tuple[str, ...]]]:
-    return [(r.key, tuple(r.roles)) for r in build_split(config).records]
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+def _roles(split: Split) -> list[tuple[str, tuple[str, ...]]]:
+    return [(r.key, tuple(r.roles)) for r in split.records]
 
 
 def _reencode(path: Path, quality: int) -> tuple[bytes, float] | None:
@@ -63,7 +57,7 @@ def _reencode(path: Path, quality: int) -> tuple[bytes, float] | None:
     if not ok:
         return None
     decoded = cv2.imdecode(encoded, cv2.IMREAD_COLOR)
-    return encoded.tobytes(), _psnr(original, decoded)
+    return encoded.tobytes(), psnr(image_tensor(decoded), image_tensor(original))
 
 
 def _copy_records(records: Sequence[ImageRecord], root: Path, out: Path) -> list[Path]:
@@ -163,7 +157,7 @@ def pack_data(
             shutil.copyfile(root / "splits.json", out / "splits.json")
         _copy_quality_tables(config, split.records, root, out)
         changed = _fit(images, out, int(max_mb * 1e6), reencode_quality) if max_mb > 0 else []
-        if _roles(replace(config, root=str(out))) != [(r.key, tuple(r.roles)) for r in split.records]:
+        if _roles(build_split(replace(config, root=str(out)))) != _roles(split):
             raise RuntimeError("the split drawn from the pack differs from the original's")
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # no half-made pack that a rerun would refuse
